@@ -58,6 +58,29 @@ setup_environment() {
     mkdir -p "$LOG_DIR"
     WANDB_RUN="${WANDB_RUN:-dummy}"
 
+    if [ "${SKIP_ENV_SETUP:-0}" = 1 ]; then
+        # a prepared image or cluster environment: the python on PATH already has every package
+        if ! command -v python >/dev/null 2>&1; then
+            echo "[FAIL] SKIP_ENV_SETUP=1 uses the 'python' on PATH, and there is none; put one there" \
+                 "(e.g. a link to python3) or unset SKIP_ENV_SETUP to let uv build the environment" >&2
+            exit 1
+        fi
+        echo "SKIP_ENV_SETUP=1: using $(command -v python) as it is (no uv, no Rust install, no sync)"
+    else
+        install_environment
+    fi
+
+    if [ "$TINY" = 1 ]; then
+        NPROC=1
+        DEVICE_FLAGS="--device_type=${TINY_DEVICE_TYPE:-cpu}"  # TINY_DEVICE_TYPE=cuda runs the CUDA paths at tiny size
+    else
+        NPROC="${NPROC_PER_NODE:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
+        DEVICE_FLAGS=""
+    fi
+    echo "base dir: $NANOCHAT_BASE_DIR | outputs: $NANOCHAT_OUTS_DIR | processes: $NPROC | wandb: $WANDB_RUN"
+}
+
+install_environment() {
     # uv: the one that launched us (`uv run` sets $UV), else the one on PATH, else from PyPI
     if [ -n "${UV:-}" ] && [ -x "$UV" ]; then
         UV_CMD=("$UV")
@@ -78,15 +101,6 @@ setup_environment() {
     "${UV_CMD[@]}" sync --frozen --extra web   # builds rustbpe with maturin
     # shellcheck disable=SC1091
     source .venv/bin/activate
-
-    if [ "$TINY" = 1 ]; then
-        NPROC=1
-        DEVICE_FLAGS="--device_type=cpu"
-    else
-        NPROC="${NPROC_PER_NODE:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
-        DEVICE_FLAGS=""
-    fi
-    echo "base dir: $NANOCHAT_BASE_DIR | outputs: $NANOCHAT_OUTS_DIR | processes: $NPROC | wandb: $WANDB_RUN"
 }
 
 # ----------------------------------------------------------------------------- stage runner

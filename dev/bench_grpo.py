@@ -4,6 +4,7 @@ train/time_update in scripts/grpo.py's log), at d20 with P prompts x G samples x
 
     python -m dev.bench_grpo                      # d20, P=16, G=8, 256 new tokens on CUDA; a tiny model on CPU
     python -m dev.bench_grpo --steps=8 --max_prompt_tokens=512
+    python -m dev.bench_grpo --nproc=2            # the same total work through torchrun on 2 GPUs
 
 It runs the real script end to end in a scratch folder, before any training exists: random d20
 weights for the SFT model and the reward model's backbone, a synthetic tokenizer of the full
@@ -22,6 +23,8 @@ import itertools
 import os
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +50,7 @@ class Config:
     max_prompt_tokens: int = 1024
     device_batch_size: int = 8
     workdir: str = opt("", help="scratch folder (default: a new temporary one)")
+    nproc: int = opt(1, help="processes (GPUs); above 1 the script runs under torchrun, the P prompts split across ranks")
 
 
 def word_tokenizer(vocab_size: int) -> Tokenizer:
@@ -72,6 +76,20 @@ def random_gpt(depth: int, vocab_size: int) -> GPT:
 
 def logged(log_text: str, tag: str) -> list[float]:
     return [float(v) for v in re.findall(rf"{re.escape(tag)} (\S+)", log_text)]
+
+
+def run_under_torchrun(nproc: int, grpo_args: list[str]) -> float:
+    """scripts.grpo on nproc processes; its output is echoed; returns rank 0's peak memory in GB."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "scripts.grpo", "--", *grpo_args]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ.copy(), capture_output=True, text=True)
+    print(result.stdout)
+    if result.returncode != 0:
+        raise RuntimeError(f"torchrun scripts.grpo failed with exit code {result.returncode}:\n{result.stderr[-4000:]}")
+    found = re.search(r"'Peak memory \(GB\)': ([0-9.]+)", result.stdout)
+    if found is None:
+        raise RuntimeError("scripts.grpo finished without printing its summary (no 'Peak memory (GB)' in its output)")
+    return float(found.group(1))
 
 
 def main():
@@ -110,16 +128,21 @@ def main():
                    for p in prompts if p["split"] == "train"]
 
     out_dir = work / "grpo"
-    summary = grpo.main([f"--device_type={device_type}", f"--max_steps={cfg.steps}", "--density_k=10",
+    grpo_args = [f"--device_type={device_type}", f"--max_steps={cfg.steps}", "--density_k=10",
                          f"--prompts_per_step={cfg.prompts_per_step}", f"--samples_per_prompt={cfg.samples_per_prompt}",
                          f"--rollout_prompts={cfg.prompts_per_step}", f"--max_new_tokens={cfg.max_new_tokens}",
                          f"--max_prompt_tokens={cfg.max_prompt_tokens}", f"--device_batch_size={cfg.device_batch_size}",
-                         "--eval_every=-1", "--eval_prompts=16", "--save_every=-1", f"--out_dir={out_dir}"])
+                         "--eval_every=-1", "--eval_prompts=16", "--save_every=-1", f"--out_dir={out_dir}"]
+    if cfg.nproc == 1:
+        peak_gb = grpo.main(grpo_args)["Peak memory (GB)"]
+    else:
+        peak_gb = run_under_torchrun(cfg.nproc, grpo_args)
     log = (out_dir / "training_log.txt").read_text()
     timed = {tag: logged(log, f"train/{tag}")[1:] for tag in
              ("time_rollout", "time_score", "time_update", "dt", "completion_len", "rollout_tok_per_s")}
     median = {tag: statistics.median(values) for tag, values in timed.items()}
     name = torch.cuda.get_device_name() if on_cuda else device_type
+    name += f" x {cfg.nproc}" if cfg.nproc > 1 else ""
     print(f"\ndevice: {name} | d{depth}, vocab {vocab_size:,} | {cfg.prompts_per_step} prompts x "
           f"{cfg.samples_per_prompt} samples x {cfg.max_new_tokens} new tokens | train prompts: mean "
           f"{statistics.mean(prompt_lens):.0f} tokens (cap {cfg.max_prompt_tokens}) | mean completion "
@@ -129,7 +152,7 @@ def main():
           f"| step {median['dt']:.2f}s")
     print("per step (rollout / score / update, s): " + ", ".join(
         f"{r:.2f}/{s:.2f}/{u:.2f}" for r, s, u in zip(timed["time_rollout"], timed["time_score"], timed["time_update"])))
-    print(f"peak memory: {summary['Peak memory (GB)']:.1f} GB | scratch folder: {work}")
+    print(f"peak memory (rank 0): {peak_gb:.1f} GB | scratch folder: {work}")
 
 
 if __name__ == "__main__":

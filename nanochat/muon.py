@@ -106,17 +106,19 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            directions = []
+            grads = [p.grad for p in params]
+            buffers = []
             for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)
-                directions.append(_momentum_direction(p.grad, state["momentum_buffer"],
-                                                      group["momentum"], group["nesterov"]))
-            updates = orthogonalise(torch.stack(directions), group["ns_steps"])
-            alpha = -group["lr"] * muon_lr_scale(params[0])
-            for p, update in zip(params, updates.unbind(0)):
-                p.add_(update.to(p.dtype), alpha=alpha)
+                buffers.append(state["momentum_buffer"])
+            # _momentum_direction for the whole group at once: one kernel per op, not one per matrix
+            momentum = group["momentum"]
+            torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            directions = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            updates = orthogonalise(torch.stack(directions), group["ns_steps"]).to(params[0].dtype)
+            torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * muon_lr_scale(params[0]))
 
 
 class DistMuon(torch.optim.Optimizer):

@@ -291,3 +291,42 @@ def test_setup_optimizers_splits_matrices_from_embedding_and_head():
     # AdamW learning rates scale by (d_model / 768)^-0.5: 64 wide -> x sqrt(12)
     lm_head_group = next(g for g in adamw.param_groups if g["params"][0] is model.lm_head.weight)
     assert abs(lm_head_group["lr"] - 0.004 * math.sqrt(768 / 64)) < 1e-12
+
+
+def test_training_path_computes_what_inference_computes():
+    """With gradients on, relu^2 sits in a checkpoint; the logits must be those of the inference
+    path, and the gradients those of the textbook MLP."""
+    model = scrambled_model(n_kv_head=2)
+    idx = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        inference = model(idx)
+    training = model(idx)
+    assert training.requires_grad
+    torch.testing.assert_close(training.detach(), inference, rtol=1e-5, atol=1e-5)
+
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(2, 9, mlp.c_fc.in_features, requires_grad=True)
+    upstream = torch.randn(2, 9, mlp.c_proj.out_features)
+    got = torch.autograd.grad(mlp(x), (x, mlp.c_fc.weight, mlp.c_proj.weight), upstream)
+    textbook = mlp.c_proj(F.relu(mlp.c_fc(x)).square())
+    want = torch.autograd.grad(textbook, (x, mlp.c_fc.weight, mlp.c_proj.weight), upstream)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_keeps_only_the_pre_activation_for_backward():
+    """Compiled for training, the MLP keeps h = c_fc(x) and recomputes relu(h)^2 in the backward
+    pass instead of storing it too (a 4x-wide tensor per token and layer: 13 GB at d20, B=32).
+    aot_eager_decomp_partition runs the partitioner torch.compile's inductor uses, without a compiler."""
+    mlp = scrambled_model().transformer.h[0].mlp
+    x = torch.randn(3, 5, mlp.c_fc.in_features, requires_grad=True)
+    hidden_numel = 3 * 5 * mlp.c_fc.out_features
+
+    def hidden_sized_saved(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            torch.compile(fn, backend="aot_eager_decomp_partition")(x)
+        return sum(n == hidden_numel for n in saved)
+
+    assert hidden_sized_saved(mlp) == 1
+    assert hidden_sized_saved(lambda x: mlp.c_proj(F.relu(mlp.c_fc(x)).square())) == 2  # what the check is against
