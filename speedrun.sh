@@ -46,8 +46,6 @@ setup_environment() {
         export NANOCHAT_KAT_CACHE="$tiny_root/.cache"
         export NANOCHAT_REPORT_PATH="$tiny_root/report.md"
         export NANOCHAT_TASKS_OFFLINE=1
-        # Two CPU cores: let torch use both inside each single process.
-        export OMP_NUM_THREADS="${OMP_NUM_THREADS_TINY:-$(nproc)}"
     else
         export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
         export NANOCHAT_OUTS_DIR="${NANOCHAT_OUTS_DIR:-$REPO_ROOT/outs}"
@@ -62,7 +60,7 @@ setup_environment() {
         # a prepared image or cluster environment: the python on PATH already has every package
         if ! command -v python >/dev/null 2>&1; then
             echo "[FAIL] SKIP_ENV_SETUP=1 uses the 'python' on PATH, and there is none; put one there" \
-                 "(e.g. a link to python3) or unset SKIP_ENV_SETUP to let uv build the environment" >&2
+                 "(e.g. a script that runs exec python3 \"\$@\") or unset SKIP_ENV_SETUP to let uv build the environment" >&2
             exit 1
         fi
         echo "SKIP_ENV_SETUP=1: using $(command -v python) as it is (no uv, no Rust install, no sync)"
@@ -71,7 +69,18 @@ setup_environment() {
     fi
 
     if [ "$TINY" = 1 ]; then
-        NPROC=1
+        # One process unless NPROC_PER_NODE asks for more (torchrun: gloo on CPU, NCCL with
+        # TINY_DEVICE_TYPE=cuda), which runs the distributed code paths at tiny size.
+        NPROC="${NPROC_PER_NODE:-1}"
+        case "$NPROC" in
+            1|2|4|8|16) ;;
+            *) echo "[FAIL] the tiny preset splits its 16-sequence micro-batches over the processes:" \
+                    "NPROC_PER_NODE must be 1, 2, 4, 8 or 16, got '$NPROC'" >&2; exit 1 ;;
+        esac
+        TINY_ROWS=$((16 / NPROC))  # sequences per rank per micro-batch: the same total batch at any NPROC
+        # A laptop's few cores: let torch use all of them, shared among the processes.
+        local threads=$(( $(nproc) / NPROC ))
+        export OMP_NUM_THREADS="${OMP_NUM_THREADS_TINY:-$(( threads > 0 ? threads : 1 ))}"
         DEVICE_FLAGS="--device_type=${TINY_DEVICE_TYPE:-cpu}"  # TINY_DEVICE_TYPE=cuda runs the CUDA paths at tiny size
     else
         NPROC="${NPROC_PER_NODE:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
@@ -149,7 +158,7 @@ launch() {  # one process (tiny / CPU) or torchrun over the GPUs
     local module="$1"
     shift
     if [ "$NPROC" -gt 1 ]; then
-        torchrun --standalone --nproc_per_node="$NPROC" -m "$module" -- "$@"
+        python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m "$module" -- "$@"  # torchrun of this python
     else
         python -m "$module" "$@"
     fi
@@ -167,13 +176,13 @@ nanochat_stages() {
             python -m scripts.tok_train --vocab_size=4096 --max_chars=20000000
         run_stage tok_eval "$LOG_DIR/tok_eval.done" python -m scripts.tok_eval
         run_training_stage base_train base launch scripts.base_train $DEVICE_FLAGS --run="$WANDB_RUN" \
-            --depth=2 --max_seq_len=256 --device_batch_size=16 --total_batch_size=4096 --num_iterations=120 \
+            --depth=2 --max_seq_len=256 --device_batch_size=$TINY_ROWS --total_batch_size=4096 --num_iterations=120 \
             --eval_every=60 --eval_tokens=16384 --core_metric_every=-1 --sample_every=120 --save_every=60
         run_stage base_loss "$LOG_DIR/base_loss.done" launch scripts.base_loss $DEVICE_FLAGS \
-            --device_batch_size=16 --split_tokens=16384
+            --device_batch_size=$TINY_ROWS --split_tokens=16384
         run_stage base_eval "$LOG_DIR/base_eval.done" launch scripts.base_eval $DEVICE_FLAGS --bundle=sample
         run_training_stage mid_train mid launch scripts.mid_train $DEVICE_FLAGS --run="$WANDB_RUN" \
-            --device_batch_size=16 --total_batch_size=4096 --num_iterations=40 --eval_every=20 --eval_tokens=8192 \
+            --device_batch_size=$TINY_ROWS --total_batch_size=4096 --num_iterations=40 --eval_every=20 --eval_tokens=8192 \
             --simple_spelling_size=200 --spelling_bee_size=200
         run_stage chat_eval_mid "$LOG_DIR/chat_eval_mid.done" launch scripts.chat_eval $DEVICE_FLAGS -i mid \
             --max_problems=20 --max_new_tokens=64

@@ -44,12 +44,14 @@ HEAD_DIM = 128  # config_from_depth keeps heads this wide; width grows by adding
 ROTARY_BASE = 10000
 ROTARY_LENGTH_FACTOR = 10  # rotary tables cover 10x sequence_len, room for long generations
 
-# Which fused attention kernel scaled_dot_product_attention tries first for unmasked attention
-# (training, prefill). PyTorch's own order ("auto") is flash, memory-efficient, math, cuDNN, so
-# cuDNN is never picked; "cudnn" (the default) puts it first: at d20, B=32, T=2048 on an H100 it
-# made training 7% faster than flash (dev/bench_gpt.py). A call it cannot serve falls through to
-# the next. Masked attention (decoding padded rows) always keeps PyTorch's order, the one the
-# engine's figures were measured with.
+# Which fused attention kernel scaled_dot_product_attention tries first for full-sequence
+# forwards (training, scoring, embedding). PyTorch's own order ("auto") is flash,
+# memory-efficient, math, cuDNN, so cuDNN is never picked; "cudnn" (the default) puts it first:
+# at d20, B=32, T=2048 on an H100 it made training 7% faster than flash (dev/bench_gpt.py). A
+# call it cannot serve falls through to the next. A backend switched off with
+# torch.backends.cuda.enable_*_sdp(False) before the model is built (or before
+# set_attention_backend) stays off. Decoding with a KV cache always keeps PyTorch's order, the
+# one the engine's figures were measured with.
 ATTENTION_BACKENDS = {
     "auto": None,
     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
@@ -227,6 +229,23 @@ class KVCache:
 # -----------------------------------------------------------------------------
 # The model
 
+_SDP_ENABLED = {
+    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+    SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+}
+
+
+def _attention_order(name):
+    """The backends of ATTENTION_BACKENDS[name] that are switched on now, in order (None: PyTorch's order).
+    Read once, outside the forward pass: querying them there would break torch.compile's graph."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(ATTENTION_BACKENDS)}")
+    backends = ATTENTION_BACKENDS[name]
+    return None if backends is None else [b for b in backends if _SDP_ENABLED[b]()] or None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -238,12 +257,14 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.attention_backend = "cudnn"  # a key of ATTENTION_BACKENDS; GPT.set_attention_backend sets it
+        self.attention_order = _attention_order("cudnn")  # GPT.set_attention_backend changes it
 
-    def _attend(self, q, k, v, **kwargs):
-        backends = ATTENTION_BACKENDS[self.attention_backend] if kwargs.get("attn_mask") is None else None
+    def _attend(self, q, k, v, full_sequence, **kwargs):
+        # Only full-sequence forwards (training, scoring, embedding) reorder the kernels: decoding
+        # runs from chat_web's worker threads, and sdpa_kernel changes process-wide settings.
+        backends = self.attention_order if full_sequence else None
         gqa = self.n_kv_head != self.n_head
-        if backends is None:
+        if not backends:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kwargs)
         with sdpa_kernel(backends, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kwargs)
@@ -262,9 +283,9 @@ class CausalSelfAttention(nn.Module):
         if attn_mask is None:
             # without a cache, or decoding one token with no padding: plain causal (or full) attention
             is_causal = kv_cache is None or (kv_cache.pos == 0 and T > 1)
-            y = self._attend(q, k, v, is_causal=is_causal)
+            y = self._attend(q, k, v, kv_cache is None, is_causal=is_causal)
         else:
-            y = self._attend(q, k, v, attn_mask=attn_mask)
+            y = self._attend(q, k, v, False, attn_mask=attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -285,10 +306,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
-        # Training keeps only h for the backward pass and recomputes relu(h)^2 from it (one cheap
-        # elementwise pass); saving both cost 10 KB per token per layer, 13 GB at d20 with B=32,
-        # T=2048. Inference skips the checkpoint wrapper.
-        if torch.is_grad_enabled() and h.requires_grad:
+        # Compiled training (base_train, mid_train) keeps only h for the backward pass and
+        # recomputes relu(h)^2 from it (one cheap elementwise pass); saving both cost 10 KB per
+        # token per layer, 13 GB at d20 with B=32, T=2048. In eager mode the checkpoint would save
+        # nothing (c_proj keeps its input anyway) and only add the recomputation, so it is skipped.
+        if torch.compiler.is_compiling() and torch.is_grad_enabled() and h.requires_grad:
             a = torch.utils.checkpoint.checkpoint(relu_squared, h, use_reentrant=False)
         else:
             a = relu_squared(h)
@@ -365,10 +387,9 @@ class GPT(nn.Module):
 
     def set_attention_backend(self, name):
         """Which attention kernel to try first: a key of ATTENTION_BACKENDS ("auto" is PyTorch's order)."""
-        if name not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(ATTENTION_BACKENDS)}")
+        order = _attention_order(name)
         for block in self.transformer.h:
-            block.attn.attention_backend = name
+            block.attn.attention_order = order
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

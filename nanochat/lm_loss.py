@@ -26,11 +26,13 @@ def _softmax_dtype(dtype):
 CHUNK_LOGITS = 2 ** 29  # logits per chunk: 8192 rows at V=65,536; bf16 logits and gradient, 1 GB each
 
 
-def _check(hidden, weight, targets, reduction):
+def _check(hidden, weight, targets, softcap, reduction):
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if hidden.dim() != 2 or targets.dim() != 1 or hidden.size(0) != targets.size(0):
         raise ValueError(f"expected hidden (N, C) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+    if not (0.0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be a positive finite number (logits are softcap*tanh(z/softcap)), got {softcap}")
     if weight.size(1) != hidden.size(1):
         raise ValueError(f"lm_head weight {tuple(weight.shape)} does not match hidden width {hidden.size(1)}")
 
@@ -44,7 +46,7 @@ def _reduce(row_losses, valid, reduction):
 
 def plain_softcap_cross_entropy(hidden, weight, targets, softcap, reduction="mean"):
     """Reference implementation: materialises all (N, V) logits in fp32."""
-    _check(hidden, weight, targets, reduction)
+    _check(hidden, weight, targets, softcap, reduction)
     logits = F.linear(hidden, weight.to(hidden.dtype)).to(_softmax_dtype(hidden.dtype))
     logits = softcap * torch.tanh(logits / softcap)
     row_losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
@@ -97,7 +99,9 @@ def _kernel(fn, device):
     if device.type != "cuda":
         return fn
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False)
+        # default dynamic=None: static for base_train's fixed chunks; SFT, RL and the evals vary
+        # the row count, and after the first recompile the kernels turn shape-generic
+        _compiled[fn] = torch.compile(fn)
     return _compiled[fn]
 
 
@@ -184,7 +188,7 @@ def chunked_softcap_cross_entropy(hidden, weight, targets, softcap, reduction="m
     chunks of rows. hidden (N, C), weight (V, C), targets (N,) with IGNORE_INDEX to skip.
     The matmul runs in hidden's dtype (bf16 under autocast), the softmax in fp32.
     """
-    _check(hidden, weight, targets, reduction)
+    _check(hidden, weight, targets, softcap, reduction)
     if torch.is_autocast_enabled(hidden.device.type):
         # what autocast would do to lm_head's matmul (the final RMSNorm may hand over fp32)
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))

@@ -167,8 +167,9 @@ def test_kv_cache_overflow_is_an_error():
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
 
 
+@pytest.mark.parametrize("softcap", [15.0, 50.0])  # 50 takes the max-subtracting log-sum-exp
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_chunked_loss_and_gradients_equal_plain(reduction):
+def test_chunked_loss_and_gradients_equal_plain(reduction, softcap):
     torch.manual_seed(0)
     N, C, V = 23, 16, 37
     hidden = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
@@ -178,7 +179,7 @@ def test_chunked_loss_and_gradients_equal_plain(reduction):
     upstream = torch.randn(N, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
     results = []
     for fn in (plain_softcap_cross_entropy, lambda *a: chunked_softcap_cross_entropy(*a, chunk_rows=5)):
-        loss = fn(hidden, weight, targets, 15.0, reduction)
+        loss = fn(hidden, weight, targets, softcap, reduction)
         gh, gw = torch.autograd.grad(loss, (hidden, weight), upstream)
         results.append((loss, gh, gw))
     for got, want in zip(results[1], results[0]):
@@ -330,3 +331,50 @@ def test_mlp_keeps_only_the_pre_activation_for_backward():
 
     assert hidden_sized_saved(mlp) == 1
     assert hidden_sized_saved(lambda x: mlp.c_proj(F.relu(mlp.c_fc(x)).square())) == 2  # what the check is against
+
+
+@pytest.mark.parametrize("softcap", [0.0, -15.0, float("inf")])
+def test_loss_refuses_a_softcap_that_is_not_positive_and_finite(softcap):
+    hidden, weight, targets = torch.randn(4, 8), torch.randn(16, 8), torch.randint(0, 16, (4,))
+    for fn in (plain_softcap_cross_entropy, chunked_softcap_cross_entropy):
+        with pytest.raises(ValueError, match="softcap must be a positive finite number"):
+            fn(hidden, weight, targets, softcap)
+
+
+def test_relu_squared_avoids_pow():
+    """CUDA autocast runs pow in fp32; a pow in relu_squared would put the bf16 cast of its output
+    outside the MLP's checkpoint and bring back 13 GB of stored activations at d20 (B=32)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from nanochat.gpt import relu_squared
+    graph = make_fx(relu_squared)(torch.randn(3, 4)).graph
+    ops = {str(node.target) for node in graph.nodes if node.op == "call_function"}
+    assert not any("pow" in op for op in ops), ops
+    h = torch.randn(3, 4)
+    torch.testing.assert_close(relu_squared(h), F.relu(h).square())
+
+
+def test_the_compiled_model_is_one_graph_up_to_the_loss():
+    """Anything in the forward pass that torch.compile cannot trace (a Python-side query, a .item())
+    splits the graph and slows training; the only planned break is the chunked loss."""
+    model = scrambled_model()
+    idx = torch.randint(0, 101, (2, 9))
+    explained = torch._dynamo.explain(model)(idx)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    explained = torch._dynamo.explain(model)(idx, idx)
+    reasons = [r.reason for r in explained.break_reasons]
+    assert len(reasons) == 1 and "chunked_softcap_cross_entropy" in reasons[0], reasons
+
+
+def test_attention_order_leaves_out_backends_the_user_switched_off():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        model = scrambled_model()
+        from torch.nn.attention import SDPBackend
+        assert SDPBackend.CUDNN_ATTENTION not in model.transformer.h[0].attn.attention_order
+        model.set_attention_backend("auto")
+        assert model.transformer.h[0].attn.attention_order is None
+        with pytest.raises(ValueError, match="unknown attention backend"):
+            model.set_attention_backend("fa3")
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
