@@ -93,3 +93,32 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(base_dir, 
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after kill and resume"
+
+
+def test_scaling_bench_runs_base_train_on_one_and_two_processes(base_dir, tmp_path, monkeypatch):
+    """dev.bench_scaling drives base_train under torchrun (gloo here) at the same total batch and
+    reads back every figure of its table; the two runs train on the same number of tokens."""
+    from dev import bench_scaling
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rows = bench_scaling.main(["--nprocs=1,2", "--device_type=cpu", "--depth=1", "--max_seq_len=64",
+                               "--device_batch_size=4", "--total_batch_size=512", "--num_iterations=3",
+                               "--eval_tokens=512", f"--workdir={tmp_path}"])
+    assert [r["nproc"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["last_step"] == 3 and r["tok_per_s"] > 0
+        assert 0 < r["loss"] < 10 and 0 < r["val_bpb"] < 10  # a 512-token vocabulary: ln(512) = 6.2 at the start
+        assert (tmp_path / f"base_{r['nproc']}" / "ckpt.pt").exists()
+
+
+def test_scaling_bench_reads_base_train_lines_and_refuses_output_without_them():
+    from dev.bench_scaling import parse_log
+    log = ("step 00001/3 | loss 6.2000 | lrm 1.000 | dt 900ms | tok/s 1,000 | mfu 10.0% | mem 3.0GB\n"
+           "step 00002/3 | loss 6.0000 | lrm 1.000 | dt 100ms | tok/s 9,000 | mfu 50.0% | mem 4.0GB\n"
+           "step 00003/3 | loss 5.5000 | lrm 0.500 | dt 100ms | tok/s 11,000 | mfu nan% | mem 4.5GB\n"
+           "step 00003 | val bpb 1.2345\n")
+    row = parse_log(log, 2)
+    assert row["tok_per_s"] == 10_000  # median of steps 2 and 3: step 1 compiles
+    assert (row["peak_gb"], row["loss"], row["val_bpb"], row["last_step"]) == (4.5, 5.5, 1.2345, 3)
+    with pytest.raises(RuntimeError, match="no step or validation lines"):
+        parse_log("Traceback: something else\n", 2)
