@@ -24,7 +24,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanochat.common import REPO_ROOT, autodetect_device_type
+from nanochat.common import REPO_ROOT, autodetect_device_type, torchrun_command
 from nanochat.flags import opt, parse_flags
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import NUM_BYTE_TOKENS, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
@@ -80,9 +79,8 @@ def logged(log_text: str, tag: str) -> list[float]:
 
 def run_under_torchrun(nproc: int, grpo_args: list[str]) -> float:
     """scripts.grpo on nproc processes; its output is echoed; returns rank 0's peak memory in GB."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "scripts.grpo", "--", *grpo_args]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ.copy(), capture_output=True, text=True)
+    result = subprocess.run(torchrun_command(nproc, "scripts.grpo", grpo_args), cwd=REPO_ROOT,
+                            env=os.environ.copy(), capture_output=True, text=True)
     print(result.stdout)
     if result.returncode != 0:
         raise RuntimeError(f"torchrun scripts.grpo failed with exit code {result.returncode}:\n{result.stderr[-4000:]}")

@@ -17,12 +17,11 @@ statistically, not exactly; the validation bpb is measured on the same held-out 
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.common import REPO_ROOT
+from nanochat.common import REPO_ROOT, torchrun_command
 from nanochat.flags import opt, parse_flags
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| loss ([\d.]+) .*\| tok/s ([\d,]+) \| mfu ([\d.]+|nan)% \| mem ([\d.]+)GB", re.M)
@@ -49,9 +48,8 @@ def run_base_train(cfg: Config, nproc: int, out_dir: Path) -> dict:
              "--save_every=-1", f"--out_dir={out_dir}"]
     if cfg.device_type:
         flags.append(f"--device_type={cfg.device_type}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "scripts.base_train", "--", *flags]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run(torchrun_command(nproc, "scripts.base_train", flags), cwd=REPO_ROOT,
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"base_train on {nproc} process(es) failed with exit code {result.returncode}; "
                            f"the end of its output:\n{(result.stdout + result.stderr)[-4000:]}")

@@ -76,6 +76,13 @@ def setup_logging(level=logging.INFO):
 # -----------------------------------------------------------------------------
 # Devices and distributed setup
 
+def torchrun_command(nproc: int, module: str, flags: list[str]) -> list[str]:
+    """`python -m scripts.X flags` on nproc processes on this machine, through the torchrun of this
+    python (the bare `torchrun` on PATH may belong to another interpreter)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", module, "--", *flags]
+
+
 def autodetect_device_type() -> str:
     """cuda if present, else mps, else cpu."""
     if torch.cuda.is_available():

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = -1
 
 
+CHUNK_LOGITS = 2 ** 29  # logits per chunk: 8192 rows at V=65,536; bf16 logits and gradient, 1 GB each
+
+
 def _softmax_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)  # fp32 for bf16/fp32 matmuls; fp64 stays fp64
-CHUNK_LOGITS = 2 ** 29  # logits per chunk: 8192 rows at V=65,536; bf16 logits and gradient, 1 GB each
 
 
 def _check(hidden, weight, targets, softcap, reduction):

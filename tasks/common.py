@@ -52,6 +52,8 @@ class Task:
         self.start, self.stop, self.step = start, stop, step
         self._warned_stop = False
 
+    # The interface every task implements (each class in tasks/ overrides both); calling one on a
+    # class that forgot to is a programming error, reported by name.
     def num_examples(self) -> int:
         raise NotImplementedError(f"{type(self).__name__} must define num_examples() (abstract in Task)")
 
@@ -147,6 +149,7 @@ class RowsTask(Task):
     def get_example(self, index: int) -> dict:
         return self.row_to_conversation(self.rows[self.order[index]])
 
+    # Interface: each row-backed task turns its schema's row into a conversation here.
     def row_to_conversation(self, row: dict) -> dict:
         raise NotImplementedError(f"{type(self).__name__} must define row_to_conversation() (abstract in RowsTask)")
 
