@@ -6,6 +6,8 @@ Pretrain the base model on FineWeb-Edu (or the bundled sample when no shards are
 
 Writes outs/base/ (ckpt.pt, ckpt_<step>.pt, config.json, training_log.txt, logs/) and the
 "base" section of the report. `--resume=true` continues from the newest checkpoint exactly.
+`--identical_batches=true` makes any world size train and validate on the tokens one process
+would (a check that N processes train like 1; dev/bench_scaling runs it).
 """
 
 import math
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from nanochat.checkpoint_manager import save_checkpoint, start_or_resume
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, device_peak_flops, peak_memory_gb, print0,
@@ -47,6 +50,10 @@ class Config:
     # batch
     device_batch_size: int = opt(32, help="sequences per micro-batch per device")
     total_batch_size: int = opt(524288, help="tokens per optimizer step across all ranks")
+    identical_batches: bool = opt(False, help="every rank reads the whole stream and takes every world_size-th window, "
+                                  "so any world size trains and validates on the same tokens per step as one "
+                                  "process (to check that N processes train like 1); each rank tokenizes "
+                                  "world_size times the text, so not for the speedrun")
     # optimisation
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
@@ -95,6 +102,12 @@ def main(argv=None):
         raise ValueError(f"--total_batch_size={cfg.total_batch_size} must be a multiple of device_batch_size * "
                          f"max_seq_len * world_size = {tokens_per_micro}")
     grad_accum = cfg.total_batch_size // tokens_per_micro
+    # Validation takes eval_tokens // tokens_per_micro windows per rank; only when that divides exactly
+    # do all world sizes validate on the same tokens, which is what --identical_batches promises.
+    if cfg.identical_batches and cfg.eval_tokens % tokens_per_micro != 0:
+        raise ValueError(f"--identical_batches needs --eval_tokens={cfg.eval_tokens} to be a multiple of "
+                         f"device_batch_size * max_seq_len * world_size = {tokens_per_micro}, so every world size "
+                         f"validates on the same tokens")
 
     if cfg.num_iterations > 0:
         num_iterations = cfg.num_iterations
@@ -118,11 +131,13 @@ def main(argv=None):
     logger = RunLogger(out_dir, run=cfg.run, config=meta, enabled=master, start_step=step)
 
     train_loader = DistributedTokenLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train",
-                                          rank=rank, world_size=world_size, device=device, resume_state=loader_state)
+                                          rank=rank, world_size=world_size, device=device, resume_state=loader_state,
+                                          identical_batches=cfg.identical_batches)
 
     def make_val_loader():
         return DistributedTokenLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val",
-                                      rank=rank, world_size=world_size, device=device)
+                                      rank=rank, world_size=world_size, device=device,
+                                      identical_batches=cfg.identical_batches)
 
     peak_flops = device_peak_flops(device) * world_size
     # The loader runs one batch ahead of training; a checkpoint stores the position of the batch not yet
@@ -184,10 +199,12 @@ def main(argv=None):
         # ---- one optimizer step: grad_accum micro-batches, then schedules, clip and update
         synchronize(device)
         t0 = time.time()
+        loss_sum = torch.zeros((), device=device)  # stays on the device: no host sync per micro-batch
         for micro in range(grad_accum):
             with autocast:
                 loss = train_model(x, y)
             train_loss = loss.detach()
+            loss_sum += train_loss
             (loss / grad_accum).backward()
             pending_state = train_loader.state_dict()
             x, y = next(train_loader)  # prefetch while the GPU works on the backward pass
@@ -207,10 +224,15 @@ def main(argv=None):
         dt = time.time() - t0
         step += 1
 
-        # ---- logging: one host sync per step (the loss), tokens/s counts every micro-batch of every rank
-        loss_value = train_loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training loss is {loss_value} at step {step}; lower the learning rates")
+        # ---- logging: one scalar collective and one host sync per step; tokens/s counts every micro-batch
+        # of every rank. The batch loss is the exact mean over the step's whole global batch (every
+        # micro-batch has the same token count); gloo has no AVG, so sum and divide.
+        if ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        loss_value, batch_loss = torch.stack([train_loss, loss_sum / (grad_accum * world_size)]).tolist()
+        # the batch loss is the same number on every rank, so all of them stop here together
+        if not math.isfinite(batch_loss):
+            raise FloatingPointError(f"training loss is {batch_loss} at step {step}; lower the learning rates")
         smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
         debiased = smooth_loss / (1 - 0.9 ** step) if step < 1000 else smooth_loss
         if step > (resumed_step or 0) + 10:
@@ -218,9 +240,11 @@ def main(argv=None):
         tok_per_sec = cfg.total_batch_size / dt
         mfu = 100 * flops_per_token * tok_per_sec / peak_flops
         if step % cfg.log_every == 0 or step == last_step:
-            print0(f"step {step:05d}/{num_iterations} | loss {debiased:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms "
-                   f"| tok/s {tok_per_sec:,.0f} | mfu {mfu:.1f}% | mem {peak_memory_gb(device):.1f}GB")
-            metrics = {"train/loss": debiased, "train/lr": lrm * cfg.matrix_lr, "train/lrm": lrm,
+            print0(f"step {step:05d}/{num_iterations} | loss {debiased:.4f} | batch loss {batch_loss:.4f} "
+                   f"| lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu:.1f}% "
+                   f"| mem {peak_memory_gb(device):.1f}GB")
+            metrics = {"train/loss": debiased, "train/batch_loss": batch_loss, "train/lr": lrm * cfg.matrix_lr,
+                       "train/lrm": lrm,
                        "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/dt": dt}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)

@@ -195,3 +195,76 @@ def test_loader_reads_the_bundled_sample_when_nothing_is_downloaded(tmp_path, mo
     text = bytes(t for t in inputs.flatten().tolist()[1:] if t != BOS).decode("utf-8", errors="replace")
     first_doc = next(dataset.parquets_iter_batched("val"))[0]
     assert first_doc.startswith(text[:60])
+
+
+# ---- identical_batches: every world size sees the same global batch at every step
+
+def step_tokens(world_size: int, B: int, accum: int, steps: int, data_dir, T: int = 8, split="train"):
+    """Per optimizer step, the inputs and targets of all its micro-batches on all ranks, in window
+    order (micro-batch m of rank r is window m*W + r), flattened into one row."""
+    loaders = [make_loader(data_dir, B, T, split=split, rank=r, world_size=world_size, identical_batches=True)
+               for r in range(world_size)]
+    rows = []
+    for _ in range(steps):
+        micro = [next(loaders[r]) for _ in range(accum) for r in range(world_size)]
+        rows.append((torch.cat([x.flatten() for x, _ in micro]), torch.cat([y.flatten() for _, y in micro])))
+    return rows
+
+
+def test_identical_batches_ranks_interleave_into_the_one_rank_stream(shards):
+    B, T, W = 2, 16, 2
+    single = take(make_loader(shards, B, T), 50)
+    assert len(single) * B * T > 2 * len(expected_stream(shards))  # two epoch wraps, many documents
+    ranks = [make_loader(shards, B, T, rank=r, world_size=W, identical_batches=True) for r in range(W)]
+    interleaved = [next(ranks[k % W]) for k in range(len(single))]
+    for k, ((x, y), (ex, ey)) in enumerate(zip(interleaved, single)):
+        assert torch.equal(x, ex) and torch.equal(y, ey), f"window {k}"
+    assert all(r.state_dict()["epoch"] == 2 for r in ranks)
+    # one process in this mode is the default loader
+    assert all(torch.equal(x, ex) for (x, _), (ex, _) in
+               zip(take(make_loader(shards, B, T, identical_batches=True), 50), single))
+
+
+@pytest.mark.parametrize("world_size, B, accum", [(2, 2, 1), (2, 1, 2), (4, 1, 1)])
+def test_identical_batches_give_every_layout_the_same_tokens_per_step(shards, world_size, B, accum):
+    """One process at B=4 against W ranks at B*accum*W = 4: each step covers the same stream tokens."""
+    steps = 30  # 30 * 32 tokens: past the first epoch wrap
+    reference = step_tokens(1, 4, 1, steps, shards)
+    for k, ((x, y), (ex, ey)) in enumerate(zip(step_tokens(world_size, B, accum, steps, shards), reference)):
+        assert torch.equal(x, ex) and torch.equal(y, ey), f"step {k}"
+
+
+def test_identical_batches_need_only_one_row_group(shards):
+    """The val split has 2 row groups: 4 disjoint ranks cannot share them, 4 identical ones can."""
+    one = step_tokens(1, 4, 1, 3, shards, split="val")
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(step_tokens(4, 1, 1, 3, shards, split="val"), one))
+
+
+def test_identical_batches_resume_exactly_on_every_rank(shards):
+    B, T, W = 2, 7, 2
+    for rank in range(W):
+        reference = take(make_loader(shards, B, T, rank=rank, world_size=W, identical_batches=True), 50)
+        assert len(reference) * W * B * T > 2 * len(expected_stream(shards))  # two epoch wraps on each rank
+        for k in range(len(reference) - 1):
+            first = make_loader(shards, B, T, rank=rank, world_size=W, identical_batches=True)
+            take(first, k)
+            state = json.loads(json.dumps(first.state_dict()))
+            assert state["identical_batches"] is True
+            resumed = make_loader(shards, B, T, rank=rank, world_size=W, identical_batches=True, resume_state=state)
+            for expected_inputs, expected_targets in reference[k:k + 2]:
+                inputs, targets = next(resumed)
+                assert torch.equal(inputs, expected_inputs) and torch.equal(targets, expected_targets), f"{rank=} {k=}"
+
+
+def test_resume_state_from_the_other_batch_mode_is_refused(shards):
+    shared = make_loader(shards, rank=1, world_size=2, identical_batches=True)
+    disjoint = make_loader(shards, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="identical_batches=True but this loader has identical_batches=False"):
+        make_loader(shards, rank=1, world_size=2, resume_state=shared.state_dict())
+    with pytest.raises(ValueError, match="identical_batches=False but this loader has identical_batches=True"):
+        make_loader(shards, rank=1, world_size=2, identical_batches=True, resume_state=disjoint.state_dict())
+    # checkpoints written before the mode existed carry no key and resume the default mode
+    take(disjoint, 3)
+    old_state = {k: v for k, v in disjoint.state_dict().items() if k != "identical_batches"}
+    resumed = make_loader(shards, rank=1, world_size=2, resume_state=old_state)
+    assert torch.equal(next(resumed)[0], next(disjoint)[0])
