@@ -17,13 +17,17 @@
 # --control plants a known tic (em dashes in the chosen responses of the densest half of the
 # train pairs, scripts.kat_inject between kat_density and train_rm) and runs the same stages at a
 # small size, so that diversity_report.md gains a "Positive control" section: the RM's preference
-# for the tic on held-out probes and the tic rates of SFT and both arms with CIs. It writes under
-# its own root (control_run/, or tiny_run/control/ with --tiny: base/, outs/, .cache/, report.md)
-# and shares only the tokenizer and the SFT model with the main run, through symlinks, so it
-# never touches the main experiment. Override the injection with KAT_INJECT_STYLE,
-# KAT_INJECT_RATE, KAT_INJECT_WHERE; on a machine without internet, KAT_LOCAL_DIR=nanochat/samples/kat
-# reads the bundled pairs. After changing the injection, rerun what follows it:
-# --force=kat_inject,train_rm,grpo_density,grpo_baseline,eval_diversity.
+# for the tic on held-out probes and the tic rates of SFT and both arms with CIs. Its starting
+# policy (outs/sft under the control's root, stage control_sft) is the main SFT model fine-tuned
+# briefly with the same tic in a fraction of its conversations (KAT_CONTROL_SFT_TIC_RATE, default
+# 0.3), so it emits the tic at a small base rate: GRPO can only amplify what the policy samples,
+# and a policy that never writes an em dash (the tiny preset's) would make the control fail for
+# that reason alone. It writes under its own root (control_run/, or tiny_run/control/ with
+# --tiny: base/, outs/, .cache/, report.md) and reads the main run's tokenizer (a symlink) and
+# SFT checkpoint, so it never touches the main experiment. Override the injection with
+# KAT_INJECT_STYLE, KAT_INJECT_RATE, KAT_INJECT_WHERE; on a machine without internet,
+# KAT_LOCAL_DIR=nanochat/samples/kat reads the bundled pairs. After changing the injection, rerun
+# what follows it: --force=kat_inject,train_rm,grpo_density,grpo_baseline,eval_diversity.
 
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -48,9 +52,14 @@ kat_preset() {
         # the densest half: the crowded regions density-aware sampling draws less often
         INJECT_FLAGS=(--inject_style="${KAT_INJECT_STYLE:-emdash}" --inject_rate="${KAT_INJECT_RATE:-0.5}"
                       --inject_where="${KAT_INJECT_WHERE:-dense}")
+        CONTROL_SFT_FLAGS=(--tic_style="${KAT_INJECT_STYLE:-emdash}" --tic_rate="${KAT_CONTROL_SFT_TIC_RATE:-0.3}"
+                           --eval_metrics_every=-1)
         if [ "$TINY" = 1 ]; then
+            CONTROL_SFT_FLAGS+=(--device_batch_size=8 --target_examples_per_step=16 --num_iterations=20
+                                --eval_every=-1 --eval_steps=4 --smoltalk_size=200)
             RM_FLAGS=(--device_batch_size=16 --pairs_per_step=16 --num_epochs=3 --lr=1e-3 --head_lr=1e-2 --eval_every=-1)
         else
+            CONTROL_SFT_FLAGS+=(--num_iterations=100 --eval_every=-1 --eval_steps=20)
             # one GPU, about 20 minutes from an existing SFT model: a few thousand pairs, a short RM
             # run with a higher LR than the main one, and GRPO with a loose KL so that the planted
             # preference can move the policy within 80 steps
@@ -70,6 +79,10 @@ kat_preset() {
 kat_stages() {
     local data="$NANOCHAT_KAT_CACHE/data"
     kat_preset
+    if [ "$CONTROL" = 1 ]; then
+        run_training_stage control_sft sft launch scripts.chat_sft $DEVICE_FLAGS --run="$WANDB_RUN" \
+            --source="$MAIN_SFT_DIR" "${CONTROL_SFT_FLAGS[@]}"
+    fi
     run_stage kat_pairs "$data/pairs_all.jsonl" python -m scripts.kat_pairs "${PAIRS_FLAGS[@]}"
     run_stage kat_embed "$data/prompt_embeddings.npy" launch scripts.kat_embed $DEVICE_FLAGS --source=sft
     run_stage kat_density "$data/prompt_weights.jsonl" python -m scripts.kat_density $DEVICE_FLAGS --k=10 --beta=1.0
@@ -88,8 +101,8 @@ kat_stages() {
         "${EVAL_FLAGS[@]}"
 }
 
-# --control: switch every output path to the control's own root; the tokenizer and the SFT
-# model are the main run's, linked, never copied or written.
+# --control: switch every output path to the control's own root; the tokenizer (and downloaded
+# task data) are the main run's, linked, and the main SFT model is read, never written.
 control_environment() {
     local main_base main_outs
     main_base="$(readlink -f "$NANOCHAT_BASE_DIR")"
@@ -107,8 +120,15 @@ control_environment() {
     fi
     mkdir -p "$CONTROL_ROOT/base" "$CONTROL_ROOT/outs"
     [ -e "$CONTROL_ROOT/.gitignore" ] || printf '*\n' > "$CONTROL_ROOT/.gitignore"  # outputs, never source
-    local link target
-    for link in "$CONTROL_ROOT/base/tok:$main_base/tok" "$CONTROL_ROOT/outs/sft:$main_outs/sft"; do
+    MAIN_SFT_DIR="$main_outs/sft"
+    if [ -L "$CONTROL_ROOT/outs/sft" ]; then
+        rm "$CONTROL_ROOT/outs/sft"  # earlier versions linked the main SFT model here; control_sft now trains its own
+    fi
+    local links=("$CONTROL_ROOT/base/tok:$main_base/tok") link target
+    if [ -d "$main_base/task_data" ]; then
+        links+=("$CONTROL_ROOT/base/task_data:$main_base/task_data")  # control_sft's mixture, not downloaded twice
+    fi
+    for link in "${links[@]}"; do
         target="${link#*:}"
         link="${link%%:*}"
         if [ -e "$link" ] && [ ! -L "$link" ]; then
@@ -124,7 +144,7 @@ control_environment() {
     if [ ! -e "$NANOCHAT_BASE_DIR/report/header.md" ] || forced report; then
         python -m nanochat.report reset
     fi
-    echo "positive control under $CONTROL_ROOT (tokenizer $main_base/tok, SFT model $main_outs/sft)"
+    echo "positive control under $CONTROL_ROOT (tokenizer $main_base/tok, starting from the SFT model $MAIN_SFT_DIR)"
 }
 
 kat_summary() {

@@ -28,7 +28,7 @@ from nanochat.report import get_report
 from nanochat.run_logger import RunLogger
 from nanochat.schedules import lr_multiplier
 from tasks.arc import ARC
-from tasks.common import TaskMixture
+from tasks.common import Task, TaskMixture, WithTic
 from tasks.customjson import IdentityConversations
 from tasks.gsm8k import GSM8K
 from tasks.smoltalk import SmolTalk
@@ -62,6 +62,9 @@ class Config:
     smoltalk_size: int = opt(10_000, help="SmolTalk conversations in the mixture")
     simple_spelling_size: int = 300
     spelling_bee_size: int = 300
+    tic_style: str = opt("", help="plant this tic (emdash, not_just, both) in the assistant turns of a fraction of "
+                         "the conversations: the positive control's starting policy (tasks.common.WithTic)")
+    tic_rate: float = opt(0.0, help="the fraction of conversations that carry --tic_style")
     # evaluation, checkpoints
     eval_every: int = opt(100, help="validation loss every this many steps; -1 only at the end")
     eval_steps: int = opt(100, help="micro-batches per validation")
@@ -74,8 +77,8 @@ class Config:
     out_dir: str = opt("", help="defaults to outs/sft")
 
 
-def train_mixture(cfg: Config) -> TaskMixture:
-    return TaskMixture([
+def train_mixture(cfg: Config) -> Task:
+    mixture = TaskMixture([
         ARC(subset="ARC-Easy", split="train"),  # 2.3K
         ARC(subset="ARC-Challenge", split="train"),  # 1.1K
         GSM8K(subset="main", split="train"),  # 8K
@@ -84,6 +87,11 @@ def train_mixture(cfg: Config) -> TaskMixture:
         SimpleSpelling(size=cfg.simple_spelling_size, split="train"),
         SpellingBee(size=cfg.spelling_bee_size, split="train"),
     ])
+    if cfg.tic_style:
+        return WithTic(mixture, cfg.tic_style, cfg.tic_rate, seed=cfg.seed)
+    if cfg.tic_rate > 0:
+        raise ValueError(f"--tic_rate={cfg.tic_rate} needs --tic_style (emdash, not_just or both)")
+    return mixture
 
 
 def main(argv=None):
