@@ -532,6 +532,15 @@ def _positive_control_section(results: dict, context: dict) -> list[str]:
     if "injected_median" in density:
         lines += [f"The injected pairs' prompts span density percentiles {density['injected_percentile_min']:.0f}.."
                   f"{density['injected_percentile_max']:.0f} of the train pairs (100 = densest).", ""]
+    start = control.get("starting_policy")
+    if start is not None:
+        if start["tic_style"] and start["tic_rate"] > 0:
+            lines += [f"The starting policy ({REFERENCE}, {start['source']}) is {start['init_from']} fine-tuned with "
+                      f"{STYLE_WORDS[start['tic_style']]} in {start['tic_rate']:.0%} of its conversations (chat_sft "
+                      "--tic_style/--tic_rate), so that it samples the tic at a base rate (table 2) GRPO can amplify.", ""]
+        else:
+            lines += [f"The starting policy ({REFERENCE}, {start['source']}) was fine-tuned without a planted tic: if it "
+                      "never samples the tic, GRPO has nothing to amplify and the control fails for that reason alone.", ""]
     lines += [f"**Outcome: {outcome['status']}.**", "", "**1. Does the reward model reward the tic?**", ""]
     probe = control.get("probe")
     if probe is None:

@@ -269,6 +269,17 @@ def read_training_curves(checkpoint: Path) -> dict:
     return info
 
 
+def read_starting_policy(checkpoint: Path) -> dict:
+    """How the control's starting policy was fine-tuned: the tic flags chat_sft recorded in config.json."""
+    config_path = checkpoint.parent / "config.json"
+    if not config_path.is_file():
+        return {"source": str(checkpoint), "tic_style": "", "tic_rate": 0.0, "init_from": None}
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    args = config.get("train_args", {})
+    return {"source": str(checkpoint), "tic_style": args.get("tic_style", ""), "tic_rate": float(args.get("tic_rate", 0.0)),
+            "init_from": config.get("init_from")}
+
+
 def read_rm_eval(reward_source: str) -> dict:
     """The reward model's held-out evaluation, <rm stage folder>/eval.json, when scripts.train_rm wrote one."""
     if not reward_source:
@@ -475,6 +486,7 @@ def main(argv: list[str] | None = None):
     control = None
     if injection is not None:
         control = positive_control(injection, data_dir, rm_checkpoint, cfg, device)
+        control["starting_policy"] = read_starting_policy(checkpoints[REFERENCE])
         notes.append(f"Positive-control run: a tic was planted in the train pairs ({injection['path']}); "
                      "see the Positive control section before reading the verdict")
     results = evaluate(list(checkpoints), texts, token_ids, truncated, embeddings, rewards, tokenizer.get_vocab_size(),

@@ -312,6 +312,7 @@ def test_eval_diversity_adds_the_positive_control_section(workspace, injected_rm
     section = report.split(f"## {POSITIVE_CONTROL}")[1].split("\n## ")[0]
     assert "rewrote the chosen response of 297 of 424 train pairs (70%, picked at random)" in section
     assert "| probes where the tic version scores higher (of 30) |" in section
+    assert "fine-tuned without a planted tic" in section  # this SFT model was trained without --tic_rate
     assert "Positive-control run" in report.split("## Verdict")[1].split("\n## ")[0]
     probe = json.loads(written["json"].read_text())["context"]["positive_control"]["probe"]
     assert probe["n"] == 30 and all(math.isfinite(x) for x in (probe["prefer_tic"], probe["mean_diff"], *probe["mean_diff_ci"]))
