@@ -6,6 +6,7 @@ written, and that a run resumed from an intermediate checkpoint ends bitwise equ
 uninterrupted one.
 """
 
+import json
 import re
 import shutil
 from dataclasses import asdict
@@ -17,6 +18,8 @@ from nanochat.chat_data import PAD_TOKEN, backward_token_mean, pad_conversations
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.common import stage_dir
 from nanochat.dataset import parquets_iter_batched
+from nanochat.diversity import EM_DASH
+from nanochat.flags import parse_flags
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import chat_sft, mid_train
@@ -163,3 +166,28 @@ def test_both_stages_run_under_two_ranks(workspace, tmp_path):
         assert (out_dir / "ckpt_rank1.pt").is_file()
         losses = logged(out_dir, "train/loss")
         assert sorted(losses) == list(range(1, steps + 1)) and all(0 < v < 20 for v in losses.values())
+
+
+def test_chat_sft_plants_the_tic_only_when_asked_and_records_it(workspace, tmp_path):
+    """The positive control's starting policy: --tic_style/--tic_rate wrap the mixture in WithTic."""
+    tic_flags = ["--tic_style=emdash", "--tic_rate=1.0"]
+    clean, styled = (chat_sft.train_mixture(parse_flags(chat_sft.Config, SFT_FLAGS + extra)) for extra in ([], tic_flags))
+    assert len(styled) == len(clean)
+    changed = 0
+    for styled_conversation, clean_conversation in zip(styled, clean):
+        if styled_conversation != clean_conversation:  # rate 1: every one with prose (not a letter, not a spelling)
+            changed += 1
+            assert str(styled_conversation).count(EM_DASH) > str(clean_conversation).count(EM_DASH)
+    assert changed > len(clean) // 3, (changed, len(clean))
+
+    with pytest.raises(ValueError, match="--tic_rate=0.5 needs --tic_style"):
+        chat_sft.main(SFT_FLAGS + ["--source=base", "--tic_rate=0.5", f"--out_dir={tmp_path / 'no_style'}"])
+    assert not (tmp_path / "no_style" / "ckpt.pt").exists()
+
+    out_dir = tmp_path / "tic"
+    chat_sft.main(SFT_FLAGS + ["--source=base", *tic_flags, f"--out_dir={out_dir}", "--num_iterations=2",
+                               "--eval_every=-1", "--eval_steps=1", "--eval_metrics_every=-1", "--save_every=-1"])
+    assert_stage_outputs(out_dir, final_step=2)
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["train_args"]["tic_style"] == "emdash" and config["train_args"]["tic_rate"] == 1.0
+    assert config["init_from"] == str(stage_dir("base") / "ckpt.pt")

@@ -1,10 +1,14 @@
+import copy
 import json
+import math
 import re
 
 import pytest
 
 from tasks.arc import ARC
-from tasks.common import (SAMPLES_DIR, Task, TaskDataMissing, TaskMixture, TaskSequence, download_file,
+from nanochat.diversity import EM_DASH, TIC_PATTERNS
+from nanochat.style_injection import inject_style, pair_rng
+from tasks.common import (SAMPLES_DIR, Task, TaskDataMissing, TaskMixture, TaskSequence, WithTic, download_file,
                           load_rows, read_jsonl, render_mc, resolve_data_file)
 from tasks.customjson import CustomJSON, IdentityConversations
 from tasks.gsm8k import GSM8K, answer_to_parts
@@ -395,3 +399,119 @@ def test_download_file_fetches_atomically_and_fails_clearly(tmp_path, offline_ba
     assert server.hits == ["words_alpha.txt", "words_alpha.txt", "nothing.txt"]
     assert sorted(p.name for p in missing.parent.iterdir()) == ["nothing.txt.lock", "words_alpha.txt",
                                                                   "words_alpha.txt.lock"]
+
+
+# -----------------------------------------------------------------------------
+# WithTic: the positive control's SFT mixture, a tic planted in a seeded fraction of conversations
+
+PROSE = "Paris is the capital of France. It is a large city, and many people visit it every year."
+SYSTEM = "You are a helpful assistant, and you answer briefly."
+USER = "Tell me about Paris, and keep it short."
+CODE = "def add(a, b):\n    return a + b"
+NOT_JUST = TIC_PATTERNS["not_just_x_but_y"]
+
+
+class Conversations(Task):
+    """An in-memory task: the conversations it was given, the same objects every time."""
+
+    def __init__(self, conversations, **slicing):
+        super().__init__(**slicing)
+        self.conversations = conversations
+
+    def num_examples(self):
+        return len(self.conversations)
+
+    def get_example(self, index):
+        return self.conversations[index]
+
+
+def chat(assistant, system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"messages": messages + [{"role": "user", "content": USER}, {"role": "assistant", "content": assistant}]}
+
+
+# a tool's output that reads like prose: the tic rules would rewrite it, WithTic must not
+TOOL_OUTPUT = "Total is twelve dollars, and the tax is included."
+
+
+def tool_chat():
+    """A GSM8K-style turn: prose around a calculator call and its output."""
+    return chat([{"type": "text", "text": "Let me work out the total cost of the apples first."},
+                 {"type": "python", "text": "3 * 4"}, {"type": "python_output", "text": TOOL_OUTPUT},
+                 {"type": "text", "text": "#### 12"}])
+
+
+def prose_task(n):
+    """n distinct injectable conversations (the index in the text tells them apart)."""
+    return Conversations([chat(f"Answer {i}: {PROSE}", system=SYSTEM) for i in range(n)])
+
+
+def changed_indices(tic_task, original):
+    return [i for i in range(len(original)) if tic_task[i] != original[i]]
+
+
+def test_with_tic_at_rate_zero_changes_nothing():
+    task = Conversations([chat(PROSE, system=SYSTEM), tool_chat(), chat("B")])
+    with_tic = WithTic(task, "emdash", 0.0, seed=3)
+    assert len(with_tic) == 3 and list(with_tic) == list(task)
+
+
+@pytest.mark.parametrize("style", ["emdash", "not_just", "both"])
+def test_with_tic_at_rate_one_rewrites_every_assistant_turn_and_no_other(style):
+    original = copy.deepcopy(prose_task(20).conversations)
+    task = Conversations(copy.deepcopy(original))
+    for styled, clean in zip(WithTic(task, style, 1.0, seed=0), original):
+        assert styled["messages"][:-1] == clean["messages"][:-1]  # system and user untouched
+        reply, clean_reply = styled["messages"][-1], clean["messages"][-1]
+        assert reply["role"] == "assistant" and reply["content"] != clean_reply["content"]
+        assert (EM_DASH in reply["content"]) == (style != "not_just")
+        assert bool(NOT_JUST.search(reply["content"])) == (style != "emdash")
+    assert task.conversations == original  # the wrapped task's conversations are never modified in place
+
+
+def test_with_tic_rewrites_only_the_text_parts_of_a_tool_turn():
+    assert inject_style(TOOL_OUTPUT, "emdash", pair_rng(0, "tool")) is not None  # it could carry the tic
+    original = tool_chat()
+    styled = WithTic(Conversations([copy.deepcopy(original)]), "emdash", 1.0)[0]
+    parts, clean_parts = styled["messages"][-1]["content"], original["messages"][-1]["content"]
+    assert [p["type"] for p in parts] == [p["type"] for p in clean_parts]
+    assert EM_DASH in parts[0]["text"] and parts[0]["text"] != clean_parts[0]["text"]
+    assert parts[1:] == clean_parts[1:]  # the call, its output and the "#### 12" answer line stay exact
+    assert styled["messages"][0] == original["messages"][0]
+
+
+def test_with_tic_leaves_turns_without_prose_as_they_are():
+    conversations = [chat("B"), chat(CODE), chat("42"), chat([{"type": "python", "text": "3 * 4"},
+                                                               {"type": "python_output", "text": "12"}])]
+    task = Conversations(copy.deepcopy(conversations))
+    assert list(WithTic(task, "both", 1.0, seed=5)) == conversations
+
+
+def test_with_tic_picks_conversations_by_seed_and_index_only():
+    task = prose_task(200)
+    picked = changed_indices(WithTic(task, "emdash", 0.5, seed=1), task)
+    assert [WithTic(task, "emdash", 0.5, seed=1)[i] for i in range(200)] == \
+        [WithTic(task, "emdash", 0.5, seed=1)[i] for i in range(200)]
+    assert changed_indices(WithTic(task, "emdash", 0.5, seed=2), task) != picked
+    # a sliced view sees the same conversations as the full one: the pick follows the index, not the view
+    sliced = WithTic(task, "emdash", 0.5, seed=1, start=50, stop=150, step=5)
+    full = WithTic(task, "emdash", 0.5, seed=1)
+    assert list(sliced) == [full[i] for i in range(50, 150, 5)]
+
+
+def test_with_tic_rewrites_the_requested_fraction_within_binomial_spread():
+    n, rate = 400, 0.3
+    task = prose_task(n)
+    for seed in range(3):
+        count = len(changed_indices(WithTic(task, "emdash", rate, seed=seed), task))
+        sigma = math.sqrt(n * rate * (1 - rate))  # 9.2: the 3-sigma range is 93..147 of 400
+        assert abs(count - n * rate) <= 3 * sigma, (seed, count)
+
+
+def test_with_tic_rejects_an_unknown_style_or_a_rate_outside_zero_one():
+    task = prose_task(2)
+    with pytest.raises(ValueError, match=r"unknown style 'emdashes'.*emdash, not_just, both"):
+        WithTic(task, "emdashes", 0.3)
+    for rate in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"rate .*\[0, 1\]"):
+            WithTic(task, "emdash", rate)
