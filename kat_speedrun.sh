@@ -55,7 +55,10 @@ kat_preset() {
         CONTROL_SFT_FLAGS=(--tic_style="${KAT_INJECT_STYLE:-emdash}" --tic_rate="${KAT_CONTROL_SFT_TIC_RATE:-0.3}"
                            --eval_metrics_every=-1)
         if [ "$TINY" = 1 ]; then
-            CONTROL_SFT_FLAGS+=(--device_batch_size=8 --target_examples_per_step=16 --num_iterations=20
+            # the tiny mixture is mostly spelling drills and letter answers, which cannot carry the tic;
+            # without them, and at the full LR, the 2-layer model starts to write an em dash now and then
+            CONTROL_SFT_FLAGS+=(--device_batch_size=8 --target_examples_per_step=16 --num_iterations=60
+                                --init_lr_frac=1.0 --simple_spelling_size=0 --spelling_bee_size=0
                                 --eval_every=-1 --eval_steps=4 --smoltalk_size=200)
             RM_FLAGS=(--device_batch_size=16 --pairs_per_step=16 --num_epochs=3 --lr=1e-3 --head_lr=1e-2 --eval_every=-1)
         else
