@@ -535,9 +535,12 @@ def _positive_control_section(results: dict, context: dict) -> list[str]:
     start = control.get("starting_policy")
     if start is not None:
         if start["tic_style"] and start["tic_rate"] > 0:
+            share = (f"{start['tic_conversations']:,} of its {start['conversations']:,} conversations"
+                     if start.get("tic_conversations") is not None else "some of its conversations")
             lines += [f"The starting policy ({REFERENCE}, {start['source']}) is {start['init_from']} fine-tuned with "
-                      f"{STYLE_WORDS[start['tic_style']]} in {start['tic_rate']:.0%} of its conversations (chat_sft "
-                      "--tic_style/--tic_rate), so that it samples the tic at a base rate (table 2) GRPO can amplify.", ""]
+                      f"{STYLE_WORDS[start['tic_style']]} in {share} (chat_sft --tic_style={start['tic_style']} "
+                      f"--tic_rate={start['tic_rate']:g}: a seeded share is picked, and those without prose the tic can "
+                      "go into stay clean), so that it samples the tic at a base rate (table 2) GRPO can amplify.", ""]
         else:
             lines += [f"The starting policy ({REFERENCE}, {start['source']}) was fine-tuned without a planted tic: if it "
                       "never samples the tic, GRPO has nothing to amplify and the control fails for that reason alone.", ""]

@@ -277,7 +277,8 @@ def read_starting_policy(checkpoint: Path) -> dict:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     args = config.get("train_args", {})
     return {"source": str(checkpoint), "tic_style": args.get("tic_style", ""), "tic_rate": float(args.get("tic_rate", 0.0)),
-            "init_from": config.get("init_from")}
+            "init_from": config.get("init_from"), "tic_conversations": config.get("tic_conversations"),
+            "conversations": config.get("conversations")}
 
 
 def read_rm_eval(reward_source: str) -> dict:

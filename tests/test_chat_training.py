@@ -191,3 +191,4 @@ def test_chat_sft_plants_the_tic_only_when_asked_and_records_it(workspace, tmp_p
     config = json.loads((out_dir / "config.json").read_text())
     assert config["train_args"]["tic_style"] == "emdash" and config["train_args"]["tic_rate"] == 1.0
     assert config["init_from"] == str(stage_dir("base") / "ckpt.pt")
+    assert (config["tic_conversations"], config["conversations"]) == (changed, len(clean))  # what the report quotes

@@ -146,6 +146,9 @@ def test_positive_control_runs_on_the_tiny_run_and_leaves_it_untouched(tiny_run)
     report = (control / ".cache" / "diversity_report.md").read_text()
     assert "## Positive control" in report
     section = report[report.index("## Positive control"):]
+    planted = re.search(r"fine-tuned with em dashes in (\d+) of its (\d+) conversations", section)
+    assert planted and (int(planted[1]), int(planted[2])) == (config["tic_conversations"], config["conversations"])
+    assert 0 < config["tic_conversations"] < config["conversations"]
     assert re.search(r"^\*\*Outcome: (passed|failed at the reward model|failed at GRPO)\.\*\*$", section, re.M), \
         "the Positive control section has no outcome line"
     assert re.search(r"^\| figure \| value \| 95% CI \| p \|$", section, re.M), "no table of the RM's preference for the tic"
