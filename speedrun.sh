@@ -175,11 +175,14 @@ nanochat_stages() {
         run_stage tok_train "$NANOCHAT_BASE_DIR/tok/tokenizer_config.json" \
             python -m scripts.tok_train --vocab_size=4096 --max_chars=20000000
         run_stage tok_eval "$LOG_DIR/tok_eval.done" python -m scripts.tok_eval
+        # --identical_batches: the bundled validation file has only 2 row groups, too few to give each
+        # of 4 or 8 ranks its own, and with it any NPROC trains on the tokens one process does
         run_training_stage base_train base launch scripts.base_train $DEVICE_FLAGS --run="$WANDB_RUN" \
             --depth=2 --max_seq_len=256 --device_batch_size=$TINY_ROWS --total_batch_size=4096 --num_iterations=120 \
-            --eval_every=60 --eval_tokens=16384 --core_metric_every=-1 --sample_every=120 --save_every=60
+            --eval_every=60 --eval_tokens=16384 --core_metric_every=-1 --sample_every=120 --save_every=60 \
+            --identical_batches=true
         run_stage base_loss "$LOG_DIR/base_loss.done" launch scripts.base_loss $DEVICE_FLAGS \
-            --device_batch_size=$TINY_ROWS --split_tokens=16384
+            --device_batch_size=$TINY_ROWS --split_tokens=16384 --identical_batches=true
         run_stage base_eval "$LOG_DIR/base_eval.done" launch scripts.base_eval $DEVICE_FLAGS --bundle=sample
         run_training_stage mid_train mid launch scripts.mid_train $DEVICE_FLAGS --run="$WANDB_RUN" \
             --device_batch_size=$TINY_ROWS --total_batch_size=4096 --num_iterations=40 --eval_every=20 --eval_tokens=8192 \

@@ -34,6 +34,9 @@ class Config:
     device_type: str = opt("", help="cuda|cpu|mps; empty autodetects")
     device_batch_size: int = 32
     split_tokens: int = opt(20 * 524288, help="tokens evaluated per split")
+    identical_batches: bool = opt(False, help="every rank reads the whole split and takes every world_size-th window "
+                                  "(base_train's flag): the same tokens at any world size, and a split with fewer "
+                                  "row groups than ranks (the bundled sample's validation file has 2) still works")
 
 
 def main(argv=None):
@@ -48,8 +51,8 @@ def main(argv=None):
 
     results = {}
     for split in ("train", "val"):
-        loader = DistributedTokenLoader(tokenizer, cfg.device_batch_size, seq_len, split,
-                                        rank=rank, world_size=world_size, device=device)
+        loader = DistributedTokenLoader(tokenizer, cfg.device_batch_size, seq_len, split, rank=rank,
+                                        world_size=world_size, device=device, identical_batches=cfg.identical_batches)
         with autocast:
             results[f"{split} bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {results[f'{split} bpb']:.4f}")

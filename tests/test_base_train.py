@@ -7,6 +7,7 @@ to an uninterrupted one, and with --identical_batches two processes train like o
 import json
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -209,3 +210,24 @@ def test_identical_batches_refuse_eval_tokens_that_are_not_whole_global_micro_ba
     assert result.returncode != 0
     assert "--eval_tokens=640 to be a multiple of device_batch_size * max_seq_len * world_size = 256" in result.stderr
     assert not (tmp_path / "outs" / "base" / "ckpt.pt").exists()
+
+
+def test_base_loss_on_four_processes_needs_identical_batches_and_then_matches_one(base_dir, tmp_path):
+    """The bundled validation file has 2 row groups: 4 ranks cannot each own one (a clear error), but
+    with --identical_batches they read the same windows one process reads (fp32: the same bpb)."""
+    env = _env(base_dir, tmp_path / "outs")
+    _run("scripts.base_train", [*TINY_FLAGS, "--num_iterations=1", "--save_every=-1", "--eval_every=-1"], env)
+    flags = ["--device_type=cpu", "--device_batch_size=1", "--split_tokens=512"]
+
+    def base_loss(nproc, extra):
+        return subprocess.run(torchrun_command(nproc, "scripts.base_loss", [*flags, *extra]), cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    refused = base_loss(4, [])
+    assert refused.returncode != 0 and "needs at least 4 non-empty row groups" in refused.stdout + refused.stderr
+    bpb = {}
+    for nproc in (1, 4):
+        result = base_loss(nproc, ["--identical_batches=true"])
+        assert result.returncode == 0, f"base_loss on {nproc} processes failed:\n{result.stderr[-3000:]}"
+        bpb[nproc] = [float(v) for v in re.findall(r"^(?:train|val) bpb: ([\d.]+)$", result.stdout, re.M)]
+    assert len(bpb[1]) == 2 and bpb[4] == pytest.approx(bpb[1], rel=1e-6), bpb
