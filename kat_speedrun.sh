@@ -43,8 +43,8 @@ kat_preset() {
     INJECT_FLAGS=()
     if [ "$TINY" = 1 ]; then
         PAIRS_FLAGS=(--local_dir=nanochat/samples/kat --se_test_fraction=0.1)
-        RM_FLAGS=(--device_batch_size=8 --pairs_per_step=32 --num_epochs=2 --lr=1e-3 --head_lr=1e-2 --eval_every=-1)
-        GRPO_FLAGS=(--max_steps=8 --prompts_per_step=4 --samples_per_prompt=4 --max_new_tokens=48
+        RM_FLAGS=(--device_batch_size=$TINY_CONV_ROWS --pairs_per_step=32 --num_epochs=2 --lr=1e-3 --head_lr=1e-2 --eval_every=-1)
+        GRPO_FLAGS=(--max_steps=8 --prompts_per_step=$TINY_PROMPTS --samples_per_prompt=4 --max_new_tokens=48
                     --learning_rate=1e-3 --beta=0.1 --density_k=10 --eval_every=-1 --eval_prompts=8)
         EVAL_FLAGS=(--num_prompts=24 --num_samples=2 --max_tokens=48 --num_resamples=2000 --num_corpus_resamples=200)
     fi
@@ -57,10 +57,10 @@ kat_preset() {
         if [ "$TINY" = 1 ]; then
             # the tiny mixture is mostly spelling drills and letter answers, which cannot carry the tic;
             # without them, and at the full LR, the 2-layer model starts to write an em dash now and then
-            CONTROL_SFT_FLAGS+=(--device_batch_size=8 --target_examples_per_step=16 --num_iterations=60
+            CONTROL_SFT_FLAGS+=(--device_batch_size=$TINY_CONV_ROWS --target_examples_per_step=16 --num_iterations=60
                                 --init_lr_frac=1.0 --simple_spelling_size=0 --spelling_bee_size=0
                                 --eval_every=-1 --eval_steps=4 --smoltalk_size=200)
-            RM_FLAGS=(--device_batch_size=16 --pairs_per_step=16 --num_epochs=3 --lr=1e-3 --head_lr=1e-2 --eval_every=-1)
+            RM_FLAGS=(--device_batch_size=$TINY_ROWS --pairs_per_step=16 --num_epochs=3 --lr=1e-3 --head_lr=1e-2 --eval_every=-1)
         else
             CONTROL_SFT_FLAGS+=(--num_iterations=100 --eval_every=-1 --eval_steps=20)
             # one GPU, about 20 minutes from an existing SFT model: a few thousand pairs, a short RM

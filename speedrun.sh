@@ -78,6 +78,9 @@ setup_environment() {
                     "NPROC_PER_NODE must be 1, 2, 4, 8 or 16, got '$NPROC'" >&2; exit 1 ;;
         esac
         TINY_ROWS=$((16 / NPROC))  # sequences per rank per micro-batch: the same total batch at any NPROC
+        TINY_CONV_ROWS=$(( TINY_ROWS < 8 ? TINY_ROWS : 8 ))  # conversations (SFT) or pairs (RM) per rank: 16 per step
+        # RL stages draw one prompt per rank at least: 4 per step up to 4 processes, one per rank beyond
+        TINY_PROMPTS=$(( NPROC > 4 ? NPROC : 4 ))
         # A laptop's few cores: let torch use all of them, shared among the processes.
         local threads=$(( $(nproc) / NPROC ))
         export OMP_NUM_THREADS="${OMP_NUM_THREADS_TINY:-$(( threads > 0 ? threads : 1 ))}"
@@ -190,13 +193,13 @@ nanochat_stages() {
         run_stage chat_eval_mid "$LOG_DIR/chat_eval_mid.done" launch scripts.chat_eval $DEVICE_FLAGS -i mid \
             --max_problems=20 --max_new_tokens=64
         run_training_stage chat_sft sft launch scripts.chat_sft $DEVICE_FLAGS --run="$WANDB_RUN" \
-            --device_batch_size=8 --target_examples_per_step=16 --num_iterations=20 --eval_every=10 --eval_steps=4 \
+            --device_batch_size=$TINY_CONV_ROWS --target_examples_per_step=16 --num_iterations=20 --eval_every=10 --eval_steps=4 \
             --eval_metrics_every=-1 --smoltalk_size=200
         run_stage chat_eval_sft "$LOG_DIR/chat_eval_sft.done" launch scripts.chat_eval $DEVICE_FLAGS -i sft \
             --max_problems=20 --max_new_tokens=64
         if [ "$WITH_RL" = 1 ]; then
             run_training_stage chat_rl rl launch scripts.chat_rl $DEVICE_FLAGS --run="$WANDB_RUN" \
-                --examples_per_step=4 --num_samples=4 --max_new_tokens=64 --num_iterations=4 --eval_every=-1 \
+                --examples_per_step=$TINY_PROMPTS --num_samples=4 --max_new_tokens=64 --num_iterations=4 --eval_every=-1 \
                 --eval_examples=8 --eval_samples=2
             run_stage chat_eval_rl "$LOG_DIR/chat_eval_rl.done" launch scripts.chat_eval $DEVICE_FLAGS -i rl \
                 -a GSM8K --max_problems=20 --max_new_tokens=64
