@@ -218,6 +218,7 @@ def _ddp_worker(rank, world_size, port, data, results):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         results[rank] = accuracy(BigramModel(preferred=[" dog"]), data, "multiple_choice", num_fewshot=2)
+        dist.barrier()  # both ranks done before either tears gloo down (see test_checkpoint_manager)
     finally:
         dist.destroy_process_group()
 

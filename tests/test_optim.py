@@ -204,6 +204,7 @@ def _two_rank_worker(rank, world_size, init_file, out_dir):
         results["rs_native"] = reduce_scatter_mean(x.clone(), native=True).wait()
         results["rs_fallback"] = reduce_scatter_mean(x.clone(), native=False).wait()
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down (see test_checkpoint_manager)
     finally:
         dist.destroy_process_group()
 

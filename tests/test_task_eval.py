@@ -255,6 +255,7 @@ def _two_rank_worker(rank, world_size, init_file, out_dir):
                                              temperature=0.0, batch_size=1)
         results["seen"] = {"categorical": choices.seen, "generative": lengths.seen}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down (see test_checkpoint_manager)
     finally:
         dist.destroy_process_group()
 
