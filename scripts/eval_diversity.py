@@ -272,9 +272,7 @@ def read_training_curves(checkpoint: Path) -> dict:
 def read_starting_policy(checkpoint: Path) -> dict:
     """How the control's starting policy was fine-tuned: the tic flags chat_sft recorded in config.json."""
     config_path = checkpoint.parent / "config.json"
-    if not config_path.is_file():
-        return {"source": str(checkpoint), "tic_style": "", "tic_rate": 0.0, "init_from": None}
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     args = config.get("train_args", {})
     return {"source": str(checkpoint), "tic_style": args.get("tic_style", ""), "tic_rate": float(args.get("tic_rate", 0.0)),
             "init_from": config.get("init_from"), "tic_conversations": config.get("tic_conversations"),
