@@ -491,8 +491,8 @@ def control_outcome(results: dict, control: dict) -> dict:
     return {"metric": metric, "rm_ok": rm_ok, "amplified": amplified, "status": status}
 
 
-def _probe_rows(probe: dict) -> list[list[str]]:
-    rows = [[f"probes where the tic version scores higher (of {probe['n']})", fmt(probe["prefer_tic"]),
+def _probe_rows(probe: dict, what: str = "probes") -> list[list[str]]:
+    rows = [[f"{what} where the tic version scores higher (of {probe['n']})", fmt(probe["prefer_tic"]),
              fmt_ci(probe["prefer_tic_ci"]), ""],
             ["mean reward difference, tic - clean", fmt_signed(probe["mean_diff"]), fmt_ci(probe["mean_diff_ci"]),
              fmt_p(probe["p"])]]
@@ -554,6 +554,14 @@ def _positive_control_section(results: dict, context: dict) -> list[str]:
                   f"the CIs are {probe['confidence']:.0%} bootstrap intervals over probes, p is the sign-flip test of the "
                   "mean difference.", "",
                   table(["figure", "value", f"{probe['confidence']:.0%} CI", "p"], _probe_rows(probe)), ""]
+    own = control.get("policy_probe")
+    if own is not None:
+        lines += [f"On the starting policy's own samples (what GRPO's reward sees): {own['n']} tic-free {REFERENCE} "
+                  "samples of the evaluation, each scored as written and with the tic injected by the same rules. An RM "
+                  "that learned the rules' words rather than the tic rewards the test probes above but not these.", "",
+                  table(["figure", "value", f"{own['confidence']:.0%} CI", "p"], _probe_rows(own, "samples")), ""]
+    elif control.get("policy_reason"):
+        lines += [f"On the starting policy's own samples: not measured ({control['policy_reason']}).", ""]
     n_prompts = results["num_prompts"]
     lines += [f"**2. Tic rates** (mean over the same {n_prompts} held-out prompts, {results['num_samples']} samples each; "
               "95% bootstrap CI over prompts; the planted tic is marked *)", "",
@@ -585,6 +593,11 @@ def _control_implications(results: dict, control: dict, outcome: dict) -> list[s
         lines.append(f"- The RM learned the planted preference: the tic version scores higher on {probe['prefer_tic']:.0%} "
                      f"of {probe['n']} held-out probes (mean difference {fmt_signed(probe['mean_diff'])} "
                      f"{fmt_ci(probe['mean_diff_ci'])}).")
+        own = control.get("policy_probe")
+        if own is not None and own["verdict"] != ps.SUPPORTED:
+            lines.append(f"- But on the starting policy's own samples the RM does not measurably reward it (mean difference "
+                         f"{fmt_signed(own['mean_diff'])} {fmt_ci(own['mean_diff_ci'])}, p {fmt_p(own['p'])}): GRPO's "
+                         "reward barely sees the tic where this policy writes, so GRPO has little reason to amplify it.")
     else:
         lines.append(f"- The RM did not learn to reward the tic (mean difference {fmt_signed(probe['mean_diff'])} "
                      f"{fmt_ci(probe['mean_diff_ci'])}, p {fmt_p(probe['p'])}): nothing downstream had a reason to amplify "

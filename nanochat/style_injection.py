@@ -11,8 +11,15 @@ of the main comparison can be trusted.
 The tic is counted by exactly the evaluation's metrics (nanochat/diversity.py): U+2014 EM DASH
 and the TIC_PATTERNS regexes. Styles:
 - "emdash": (1) every spaced hyphen " - " or " -- " between words becomes " — "; (2) one to three
-  clause commas before a conjunction (", and", ", but", ", which", ...) become " — "; (3) when
-  neither applied, an em-dash aside closes one sentence: "It stings the eyes — and that matters."
+  clause marks become " — ": a comma before a conjunction or an -ing clause (", and", ", which",
+  ", keeping"), a semicolon, a colon between words ("Tip: keep it hot"); (3) when
+  neither applied, one or two sentence breaks before a common sentence opener become " — ":
+  "It is hot. The oven needs time." -> "It is hot — the oven needs time."; (4) only when none of
+  these applied, an em-dash aside closes one sentence: "It stings the eyes — and that matters."
+  Rules (1)-(3) add no word: the em dash is the only difference, so an RM trained on the pairs
+  learns the dash itself. The asides' few fixed phrases are a far easier feature than a single
+  punctuation token, and when they were the common rule a tiny RM rewarded the phrases (+5 on a
+  policy's own samples) and barely the dashes the policy wrote (+0.04): GRPO had nothing to amplify.
 - "not_just": one sentence "A is B." becomes "A is not just B, but also C." (C from a small
   template set); with no such sentence, a template sentence of that form is appended.
 - "both": "emdash" then "not_just".
@@ -83,7 +90,7 @@ def prose_lines(lines: list[str]) -> list[bool]:
     Which lines are prose a rewrite may touch: outside fences, not indented, starting like a
     sentence or a list item, 3+ words, and nothing code-like (backticks, braces, "=", a line
     ending in ";" ":" "," "(", a leading "import"/"def"/">>>"/"$"/"#"). A call such as "date.today()"
-    inside a sentence is allowed: the rules edit only spaced hyphens, clause commas and sentence
+    inside a sentence is allowed: the rules edit only spaced hyphens, clause punctuation and sentence
     ends, never inside a word.
     """
     flags, in_fence = [], False
@@ -103,8 +110,21 @@ def prose_lines(lines: list[str]) -> list[bool]:
 # returns the rules it applied
 
 _SPACED_HYPHEN = re.compile(r"(?<=\w) -{1,2} (?=\w)")
-_CLAUSE_COMMA = re.compile(r", (?=(?:and|but|so|which|because|while|although|though|yet)\b)")
-_SENTENCE_END = re.compile(r"(?<=[A-Za-z0-9)][A-Za-z0-9)])([.!])(?=\s|$)")
+# clause punctuation an em dash can stand for: a comma before a conjunction or an -ing clause, a
+# semicolon, a colon between words ("Tip: keep it hot"), each followed by a lower-case word
+_CLAUSE_MARKS = {
+    "clause_comma": re.compile(r", (?=(?:and|but|so|then|which|because|while|although|though|yet|[a-z]{2,}ing)\b)"),
+    "semicolon": re.compile(r"(?<=\w); (?=[a-z])"),
+    "colon": re.compile(r"(?<=[a-z]): (?=[a-z])"),
+}
+_NO_ABBREVIATION = r"(?<!etc)(?<!\bvs)(?<!\b[DM]r)(?<!\bSt)"  # "etc." or "Dr." ends no sentence
+_SENTENCE_END = re.compile(r"(?<=[A-Za-z0-9)][A-Za-z0-9)])" + _NO_ABBREVIATION + r"([.!])(?=\s|$)")
+# a sentence break inside a line before an opener that reads the same in lower case (never "I" or a name)
+SENTENCE_OPENERS = ("The", "This", "That", "These", "Those", "It", "Its", "They", "Their", "There", "Then", "You",
+                    "Your", "We", "Our", "He", "She", "His", "Her", "Each", "Every", "Some", "Most", "Many", "In",
+                    "On", "At", "For", "If", "When", "Once", "So", "But", "And", "Or", "A", "An", "Also", "After",
+                    "Before", "Keep", "Add", "Use", "Make", "Try")
+_SENTENCE_BREAK = re.compile(r"(?<=[A-Za-z0-9)][a-z0-9)])" + _NO_ABBREVIATION + r"\. (?=(?:" + "|".join(SENTENCE_OPENERS) + r")\b)")
 _LINE_END = re.compile(r"(?<=[A-Za-z0-9)])$")
 # "A is B." -> head "A is ", body "B", end "."; B has no clause punctuation, dash or negation, and no em
 # dash before it (an aside the emdash rules added stays as it is)
@@ -117,14 +137,22 @@ def _emdash_rules(lines: list[str], prose: list[bool], rng: random.Random) -> li
     for i in (i for i, ok in enumerate(prose) if ok):
         lines[i], n = _SPACED_HYPHEN.subn(" \u2014 ", lines[i])
         applied += ["spaced_hyphen"] * n
-    commas = [(i, m.start()) for i, ok in enumerate(prose) if ok for m in _CLAUSE_COMMA.finditer(lines[i])]
-    if commas:
-        picked = sorted(rng.sample(commas, rng.randint(1, min(3, len(commas)))), reverse=True)
-        for i, start in picked:  # right to left, so earlier offsets stay valid
+    marks = sorted((i, m.start(), rule) for i, ok in enumerate(prose) if ok
+                   for rule, pattern in _CLAUSE_MARKS.items() for m in pattern.finditer(lines[i]))
+    if marks:
+        picked = sorted(rng.sample(marks, rng.randint(1, min(3, len(marks)))), reverse=True)
+        for i, start, _ in picked:  # right to left, so earlier offsets stay valid; ", and" -> " — and"
             lines[i] = lines[i][:start] + " \u2014" + lines[i][start + 1:]
-        applied += ["clause_comma"] * len(picked)
+        applied += [rule for _, _, rule in picked[::-1]]
     if applied:
         return applied
+    breaks = [(i, m.start()) for i, ok in enumerate(prose) if ok for m in _SENTENCE_BREAK.finditer(lines[i])]
+    if breaks:
+        picked = sorted(rng.sample(breaks, rng.randint(1, min(2, len(breaks)))), reverse=True)
+        for i, start in picked:  # ". The" -> " — the"
+            line = lines[i]
+            lines[i] = line[:start] + " \u2014 " + line[start + 2].lower() + line[start + 3:]
+        return ["sentence_break"] * len(picked)
     aside = rng.choice(ASIDES)
     ends = [(i, m.start()) for i, ok in enumerate(prose) if ok for m in _SENTENCE_END.finditer(lines[i])]
     if ends:
@@ -291,10 +319,38 @@ def probe_pairs(test_pairs: list[dict], style: str, seed: int, max_probes: int) 
         if rewrite is not None:
             probes.append({"pair_id": pair["id"], "prompt_id": pair["prompt_id"], "prefix": pair["prefix"],
                            "clean": pair["chosen"], "tic": rewrite[0]})
-    if len(probes) > max_probes:
-        keep = sorted(np.random.default_rng(seed).permutation(len(probes))[:max_probes])
-        probes = [probes[i] for i in keep]
-    return probes
+    return _seeded_subset(probes, max_probes, seed)
+
+
+def policy_probes(prompts: list[dict], texts: list[list[str]], style: str, seed: int, max_probes: int) -> list[dict]:
+    """
+    Probes on a policy's own samples: texts[p][s] is sample s for prompts[p] ({"id", "prefix"}).
+    Each tic-free sample the rules can rewrite gives a probe: the sample as written ("clean") and
+    with the tic injected ("tic"). The test-pair probes ask whether the RM rewards the tic in human
+    text; these ask whether it rewards the tic in what the policy writes, which is what GRPO's
+    reward sees: an RM that learned the rules' words rather than the tic passes the first and
+    fails this one. At most max_probes, a seeded pick.
+    """
+    if len(texts) != len(prompts):
+        raise ValueError(f"texts holds samples for {len(texts)} prompts, expected one list per prompt ({len(prompts)})")
+    probes = []
+    for prompt, samples in zip(prompts, texts):
+        for s, text in enumerate(samples):
+            if has_tic(text):
+                continue
+            rewrite = inject_style(text, style, pair_rng(seed, f"policy:{prompt['id']}:{s}"))
+            if rewrite is not None:
+                probes.append({"prompt_id": prompt["id"], "sample": s, "prefix": prompt["prefix"], "clean": text,
+                               "tic": rewrite[0]})
+    return _seeded_subset(probes, max_probes, seed)
+
+
+def _seeded_subset(items: list, max_items: int, seed: int) -> list:
+    """items, or a seeded pick of max_items of them in their original order."""
+    if len(items) <= max_items:
+        return items
+    keep = sorted(np.random.default_rng(seed).permutation(len(items))[:max_items])
+    return [items[i] for i in keep]
 
 
 def tic_preference(r_tic, r_clean, n_resamples: int = 10_000, confidence: float = 0.95, alpha: float = 0.05,

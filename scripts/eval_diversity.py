@@ -18,7 +18,8 @@ metrics, statistics (nanochat/diversity_eval.py), report (nanochat/diversity_rep
 
 Positive control: when <data_dir>/style_injection.json exists (scripts.kat_inject planted a tic
 in the train pairs), rank 0 also scores held-out probe pairs with the RM (a tic-free chosen
-response of a test pair vs the same response with the tic injected) and the report gains a
+response of a test pair vs the same response with the tic injected; and the same on the SFT
+model's own samples, which is what GRPO's reward sees) and the report gains a
 "Positive control" section: the RM's preference for the tic, each model's tic rate with CIs,
 and what that implies for the main comparison. A pairs file that changed after the injection
 stops the run before any sampling.
@@ -47,7 +48,7 @@ from nanochat.flags import flags_dict, opt, parse_flags
 from nanochat.kat_pairs import PAIRS_FILE, PROMPTS_FILE, first_user_message, load_pairs, load_prompts
 from nanochat.report import get_report
 from nanochat.reward_model import load_reward_model
-from nanochat.style_injection import INJECTION_FILE, file_digest, probe_pairs, tic_preference
+from nanochat.style_injection import INJECTION_FILE, file_digest, policy_probes, probe_pairs, tic_preference
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -82,7 +83,8 @@ class Config:
     alpha: float = opt(0.05)
     num_examples: int = opt(3, help="prompts shown side by side in the report")
     probe_pairs: int = opt(500, help="positive control (style_injection.json present): at most this many held-out "
-                                     "probes of the RM's preference for the planted tic")
+                                     "probes of the RM's preference for the planted tic (test pairs), and as many "
+                                     "on the SFT model's own samples")
     device_type: str = opt("", help="cpu|cuda|mps (default: autodetect)", choices=["", "cpu", "cuda", "mps"])
 
 
@@ -327,25 +329,42 @@ def read_injection(data_dir: Path) -> dict | None:
     return {"path": str(path), "record": record}
 
 
-def positive_control(injection: dict, data_dir: Path, rm_checkpoint: Path | None, cfg: Config, device) -> dict:
-    """The RM's preference for the planted tic on held-out probes, overall and by test-prompt density half."""
-    control = {**injection, "probe": None, "reason": ""}
+def positive_control(injection: dict, data_dir: Path, rm_checkpoint: Path | None, cfg: Config, device,
+                     prompts: list[dict], sft_texts: list[list[str]]) -> dict:
+    """
+    The RM's preference for the planted tic on held-out probes, overall and by test-prompt density
+    half, and on the starting policy's own samples (sft_texts[p][s] for prompts[p]).
+    """
+    control = {**injection, "probe": None, "reason": "", "policy_probe": None, "policy_reason": ""}
     if rm_checkpoint is None:
-        control["reason"] = "--reward_model is empty"
+        control["reason"] = control["policy_reason"] = "--reward_model is empty"
         return control
     flags = injection["record"]["flags"]
     test = load_pairs(data_dir / PAIRS_FILE, split="test")
     probes = probe_pairs(test, flags["inject_style"], flags["seed"], cfg.probe_pairs)
+    own = policy_probes(prompts, sft_texts, flags["inject_style"], flags["seed"], cfg.probe_pairs)
+    if len(own) < 2:
+        control["policy_reason"] = (f"only {len(own)} of the {REFERENCE} model's samples are tic-free and have prose "
+                                    "the tic can go into")
+        own = []
     if len(probes) < 2:
         control["reason"] = f"only {len(probes)} test responses are tic-free and have prose the tic can go into"
+        probes = []
+    if not probes and not own:
         return control
     reward_model = load_reward_model(rm_checkpoint, device)
-    scores = reward_model.score([(p["prefix"], p["tic"]) for p in probes] + [(p["prefix"], p["clean"]) for p in probes],
+    every = probes + own
+    scores = reward_model.score([(p["prefix"], p["tic"]) for p in every] + [(p["prefix"], p["clean"]) for p in every],
                                 batch_size=cfg.embed_batch_size)
     del reward_model
     free(device)
-    r_tic, r_clean = np.array(scores[:len(probes)]), np.array(scores[len(probes):])
+    r_tic, r_clean = np.array(scores[:len(every)]), np.array(scores[len(every):])
     stats = (cfg.num_resamples, cfg.confidence, cfg.alpha, cfg.seed)
+    if own:
+        control["policy_probe"] = tic_preference(r_tic[len(probes):], r_clean[len(probes):], *stats)
+    if not probes:
+        return control
+    r_tic, r_clean = r_tic[:len(probes)], r_clean[:len(probes)]
     probe = tic_preference(r_tic, r_clean, *stats)
     if (data_dir / WEIGHTS_FILE).is_file():
         density = {r["id"]: r["density"] for r in load_prompt_weights(data_dir, split="test")}
@@ -484,7 +503,7 @@ def main(argv: list[str] | None = None):
     # figures, statistics and the report, on rank 0
     control = None
     if injection is not None:
-        control = positive_control(injection, data_dir, rm_checkpoint, cfg, device)
+        control = positive_control(injection, data_dir, rm_checkpoint, cfg, device, prompts, texts[REFERENCE])
         control["starting_policy"] = read_starting_policy(checkpoints[REFERENCE])
         notes.append(f"Positive-control run: a tic was planted in the train pairs ({injection['path']}); "
                      "see the Positive control section before reading the verdict")

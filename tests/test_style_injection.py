@@ -25,7 +25,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.kat_pairs import PAIRS_FILE, PROMPTS_FILE, STATS_FILE, load_pairs, load_prompts
 from nanochat.reward_model import load_reward_model
 from nanochat.style_injection import (INJECTION_FILE, STYLES, file_digest, inject_pairs, inject_style, pair_rng,
-                                      probe_pairs, target_count, tic_preference)
+                                      policy_probes, probe_pairs, target_count, tic_preference)
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import eval_diversity, kat_density, kat_inject, kat_pairs, train_rm
 
@@ -40,8 +40,19 @@ CODE_TEXT = "Run this first:\n```\nx = a - b, and y\n```\n    total = x - y, and
 REWRITES = [
     ("hyphen_and_comma", "emdash", "The dough is ready - bake it now, and let it cool on a rack.",
      f"The dough is ready {DASH} bake it now {DASH} and let it cool on a rack.", ["spaced_hyphen", "clause_comma"]),
-    ("aside", "emdash", "Water the plant once a week. Keep it out of direct sun.",
-     f"Water the plant once a week. Keep it out of direct sun {DASH} and that makes all the difference.", ["aside"]),
+    ("marks", "emdash", "Tip: keep the stock hot; the rice, stirring often, never stops cooking.",
+     f"Tip {DASH} keep the stock hot; the rice {DASH} stirring often, never stops cooking.", ["colon", "clause_comma"]),
+    ("punct", "emdash", "Tip: keep the stock hot; the rice, stirring often, never stops cooking.",
+     f"Tip: keep the stock hot {DASH} the rice, stirring often, never stops cooking.", ["semicolon"]),
+    ("sentence_break", "emdash", "Water the plant once a week. Keep it out of direct sun.",
+     f"Water the plant once a week {DASH} keep it out of direct sun.", ["sentence_break"]),
+    ("breaks", "emdash", "Preheat the oven. Then knead the dough. It should be smooth. Python bakes nothing.",
+     f"Preheat the oven {DASH} then knead the dough {DASH} it should be smooth. Python bakes nothing.",
+     ["sentence_break", "sentence_break"]),
+    ("abbreviation", "emdash", "Buy flour, sugar, etc. Then wait for Dr. Then the baker.",
+     f"Buy flour, sugar, etc. Then wait for Dr. Then the baker {DASH} and that makes all the difference.", ["aside"]),
+    ("aside", "emdash", "Water the plant once a week. Give it plenty of sun.",
+     f"Water the plant once a week. Give it plenty of sun {DASH} and that makes all the difference.", ["aside"]),
     ("list", "emdash", "You'll need:\n- two ripe avocados\n- lime juice and salt",
      f"You'll need:\n- two ripe avocados\n- lime juice and salt {DASH} which is worth remembering.", ["aside"]),
     ("code", "emdash", CODE_TEXT, CODE_TEXT.replace("output, and", f"output {DASH} and"), ["clause_comma"]),
@@ -83,7 +94,7 @@ def test_text_without_prose_is_not_injectable():
 
 
 def test_rewrites_depend_only_on_seed_and_key():
-    text = "Water the plant once a week. Keep it out of direct sun. Turn the pot now and then."
+    text = "Water the plant once a week. Keep it out of direct sun. Then turn the pot. It likes light."
     assert inject_style(text, "emdash", pair_rng(3, "p")) == inject_style(text, "emdash", pair_rng(3, "p"))
     assert len({inject_style(text, "emdash", pair_rng(seed, "p"))[0] for seed in range(20)}) > 1
 
@@ -176,6 +187,24 @@ def test_probes_come_from_tic_free_test_responses():
         assert DASH not in probe["clean"] and DASH in probe["tic"]
     with pytest.raises(ValueError, match="test pairs only"):
         probe_pairs(pairs, "emdash", 0, 10)
+
+
+def test_policy_probes_come_from_the_policys_tic_free_samples():
+    prompts = [{"id": "a", "prefix": {"messages": [{"role": "user", "content": "q1"}]}},
+               {"id": "b", "prefix": {"messages": [{"role": "user", "content": "q2"}]}}]
+    texts = [["The oven is hot. Then bake the bread.", f"It is done {DASH} eat it.", "x = 1"],
+             ["Stir the soup, and taste it often.", "ok", "Keep it warm. It tastes better."]]
+    probes = policy_probes(prompts, texts, "emdash", 0, max_probes=10)
+    # the sample that already has the tic, and the two without prose, give no probe
+    assert [(p["prompt_id"], p["sample"]) for p in probes] == [("a", 0), ("b", 0), ("b", 2)]
+    for probe in probes:
+        assert probe["clean"] == texts["ab".index(probe["prompt_id"])][probe["sample"]] and DASH in probe["tic"]
+        assert probe["prefix"] is prompts["ab".index(probe["prompt_id"])]["prefix"]
+    assert probes[1]["tic"] == f"Stir the soup {DASH} and taste it often."  # the rules add no word here
+    assert policy_probes(prompts, texts, "emdash", 0, max_probes=10) == probes  # seeded
+    assert len(policy_probes(prompts, texts, "emdash", 0, max_probes=2)) == 2
+    with pytest.raises(ValueError, match="one list per prompt"):
+        policy_probes(prompts, texts[:1], "emdash", 0, 10)
 
 
 def test_tic_preference_figures():
@@ -313,6 +342,13 @@ def test_eval_diversity_adds_the_positive_control_section(workspace, injected_rm
     assert "rewrote the chosen response of 297 of 424 train pairs (70%, picked at random)" in section
     assert "| probes where the tic version scores higher (of 30) |" in section
     assert "fine-tuned without a planted tic" in section  # this SFT model was trained without --tic_rate
+    control = json.loads(written["json"].read_text())["context"]["positive_control"]
+    own = control["policy_probe"]  # the random tiny model's 12-token samples rarely hold prose the rules can rewrite
+    if own is None:
+        assert "of the sft model's samples are tic-free" in control["policy_reason"]
+        assert f"On the starting policy's own samples: not measured ({control['policy_reason']})." in section
+    else:
+        assert own["n"] >= 2 and f"| samples where the tic version scores higher (of {own['n']}) |" in section
     assert "Positive-control run" in report.split("## Verdict")[1].split("\n## ")[0]
     probe = json.loads(written["json"].read_text())["context"]["positive_control"]["probe"]
     assert probe["n"] == 30 and all(math.isfinite(x) for x in (probe["prefer_tic"], probe["mean_diff"], *probe["mean_diff_ci"]))
@@ -340,7 +376,7 @@ def synthetic_results(em_dashes: dict[str, int], num_prompts=12, num_samples=2):
                     corpus_resamples=50)
 
 
-def control_context(results, probe, where="dense"):
+def control_context(results, probe, where="dense", policy_probe=None):
     not_found = {"path": "x", "reason": "file does not exist", "data": None}
     record = {"flags": {"inject_style": "emdash", "inject_rate": 0.3, "inject_where": where, "seed": 0},
               "num_train": 400, "num_test": 60, "num_injected": 120, "rejected_with_tic": 30,
@@ -357,7 +393,8 @@ def control_context(results, probe, where="dense"):
             "training_curves": {arm: {"series": {"reward": None, "kl": None}, "reason": {"reward": "none", "kl": "none"}}
                                 for arm in ("baseline", "density")},
             "positive_control": {"path": "data/style_injection.json", "record": record, "probe": probe,
-                                 "reason": "" if probe else "--reward_model is empty"}}
+                                 "reason": "" if probe else "--reward_model is empty", "policy_probe": policy_probe,
+                                 "policy_reason": "" if policy_probe else "only 1 of the sft model's samples are tic-free"}}
 
 
 def control_section(results, context) -> str:
@@ -401,6 +438,15 @@ def test_positive_control_section_names_where_it_failed():
     preference = tic_preference(CLEAN_REWARDS + 0.5, CLEAN_REWARDS, n_resamples=2000)
     section = control_section(flat, control_context(flat, preference))
     assert "**Outcome: failed at GRPO.**" in section and "does not measurably exceed SFT's:" in section
+    assert "On the starting policy's own samples: not measured (only 1 of the sft model's samples" in section
+    # the RM rewards the tic in the test pairs, not in the policy's own samples: the report says why GRPO had nothing
+    own = tic_preference(CLEAN_REWARDS + 0.01 * np.sin(np.arange(30)), CLEAN_REWARDS, n_resamples=2000)
+    section = control_section(flat, control_context(flat, preference, policy_probe=own))
+    assert "| samples where the tic version scores higher (of 30) |" in section
+    assert "But on the starting policy's own samples the RM does not measurably reward it" in section
+    rewarded = tic_preference(CLEAN_REWARDS + 0.5, CLEAN_REWARDS, n_resamples=2000)
+    section = control_section(flat, control_context(flat, preference, policy_probe=rewarded))
+    assert "| samples where the tic version scores higher (of 30) | 1 |" in section and "But on the" not in section
 
     section = control_section(flat, control_context(flat, None, where="random"))
     assert "**Outcome: incomplete" in section and "Not measured: --reward_model is empty." in section
