@@ -52,14 +52,13 @@ kat_preset() {
         # the densest half: the crowded regions density-aware sampling draws less often
         INJECT_FLAGS=(--inject_style="${KAT_INJECT_STYLE:-emdash}" --inject_rate="${KAT_INJECT_RATE:-0.5}"
                       --inject_where="${KAT_INJECT_WHERE:-dense}")
+        # without the spelling drills, which cannot carry the tic and would only dilute it
         CONTROL_SFT_FLAGS=(--tic_style="${KAT_INJECT_STYLE:-emdash}" --tic_rate="${KAT_CONTROL_SFT_TIC_RATE:-0.3}"
-                           --eval_metrics_every=-1)
+                           --eval_metrics_every=-1 --simple_spelling_size=0 --spelling_bee_size=0)
         if [ "$TINY" = 1 ]; then
-            # the tiny mixture is mostly spelling drills and letter answers, which cannot carry the tic;
-            # without them, and at the full LR, the 2-layer model starts to write an em dash now and then
+            # at the full LR the 2-layer model starts to write an em dash now and then
             CONTROL_SFT_FLAGS+=(--device_batch_size=$TINY_CONV_ROWS --target_examples_per_step=16 --num_iterations=60
-                                --init_lr_frac=1.0 --simple_spelling_size=0 --spelling_bee_size=0
-                                --eval_every=-1 --eval_steps=4 --smoltalk_size=200)
+                                --init_lr_frac=1.0 --eval_every=-1 --eval_steps=4 --smoltalk_size=200)
             RM_FLAGS=(--device_batch_size=$TINY_ROWS --pairs_per_step=16 --num_epochs=3 --lr=1e-3 --head_lr=1e-2 --eval_every=-1)
         else
             CONTROL_SFT_FLAGS+=(--num_iterations=100 --eval_every=-1 --eval_steps=20)
