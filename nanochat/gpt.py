@@ -100,12 +100,16 @@ def norm(x):
 
 
 def apply_rotary_emb(x, cos, sin):
-    """Rotate pairs (x[..., i], x[..., i + d/2]) by position-dependent angles. x: (B, T, H, D)."""
+    """
+    Rotate pairs (x[..., i], x[..., i + d/2]) by position-dependent angles. x: (B, T, H, D);
+    cos, sin: (..., d/2). The same products as y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin, written
+    as x * [cos, cos] + roll(x, d/2) * [sin, -sin] over whole rows: compiled, the backward pass of
+    rotary and QK norm then runs 6 ms per micro-batch at d20 instead of 15 (slices and a cat),
+    1.5% of a training step on an H100 (dev/PERF_NOTES.md).
+    """
     d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    y1 = x1 * cos + x2 * sin
-    y2 = x2 * cos - x1 * sin
-    return torch.cat([y1, y2], dim=-1).to(x.dtype)
+    cos2, sin2 = torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)
+    return (x * cos2 + torch.roll(x, d, dims=-1) * sin2).to(x.dtype)
 
 
 # -----------------------------------------------------------------------------

@@ -61,6 +61,26 @@ def reference_attention(attn, x, cos, sin):
     return y @ attn.c_proj.weight.T
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_rotates_each_pair_by_its_angle(dtype):
+    """(x_i, x_{i+d/2}) -> (x_i cos + x_{i+d/2} sin, x_{i+d/2} cos - x_i sin), bit for bit, in fp32 and bf16."""
+    torch.manual_seed(0)
+    B, T, H, D = 2, 5, 3, 8
+    x = torch.randn(B, T, H, D).to(dtype)
+    angles = torch.rand(1, T, 1, D // 2) * 6.0
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    want = torch.empty_like(x)
+    for i in range(D // 2):
+        a, b = x[..., i], x[..., i + D // 2]
+        want[..., i] = a * cos[..., i] + b * sin[..., i]
+        want[..., i + D // 2] = b * cos[..., i] - a * sin[..., i]
+    got = apply_rotary_emb(x, cos, sin)
+    assert got.dtype == dtype and torch.equal(got, want)
+    if dtype == torch.float32:  # a rotation: lengths kept, and the opposite angle undoes it
+        torch.testing.assert_close(got.norm(dim=-1), x.norm(dim=-1))
+        torch.testing.assert_close(apply_rotary_emb(got, cos, -sin), x, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_attention_equals_handwritten_multi_head_attention(n_kv_head):
     model = scrambled_model(n_kv_head=n_kv_head)
