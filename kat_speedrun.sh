@@ -82,13 +82,13 @@ kat_stages() {
     local data="$NANOCHAT_KAT_CACHE/data"
     kat_preset
     if [ "$CONTROL" = 1 ]; then
-        run_training_stage control_sft sft launch scripts.chat_sft $DEVICE_FLAGS --run="$WANDB_RUN" \
+        run_training_stage control_sft sft launch scripts.control_sft $DEVICE_FLAGS --run="$WANDB_RUN" \
             --source="$MAIN_SFT_DIR" "${CONTROL_SFT_FLAGS[@]}"
     fi
     run_stage kat_pairs "$data/pairs_all.jsonl" python -m scripts.kat_pairs "${PAIRS_FLAGS[@]}"
     run_stage kat_embed "$data/prompt_embeddings.npy" launch scripts.kat_embed $DEVICE_FLAGS --source=sft
     run_stage kat_density "$data/prompt_weights.jsonl" python -m scripts.kat_density $DEVICE_FLAGS --k=10 --beta=1.0
-    run_stage embedding_map "$data/embedding_map.json" python -m nanochat.embedding_map
+    run_stage embedding_map "$data/embedding_map.json" python -m nanochat.kat.embedding_map
     if [ "$CONTROL" = 1 ]; then
         # after kat_density: picking pairs by prompt density needs the weights; it rewrites
         # responses only, so the embeddings and weights stay valid

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nanochat.density import density_weights, kish_ess, knn_cosine, knn_log_density
+from nanochat.kat.density import density_weights, kish_ess, knn_cosine, knn_log_density
 from nanochat.flags import opt, parse_flags
 
 @dataclass

@@ -102,9 +102,9 @@ def main():
 
     # imported after the environment points at the scratch folder
     from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.density import save_embeddings
-    from nanochat.kat_pairs import load_prompts
-    from nanochat.reward_model import KIND, RewardModel
+    from nanochat.kat.density import save_embeddings
+    from nanochat.kat.pairs import load_prompts
+    from nanochat.kat.reward_model import KIND, RewardModel
     from scripts import grpo, kat_density, kat_pairs
 
     tokenizer = word_tokenizer(vocab_size)

@@ -30,29 +30,6 @@ TASK_BASELINES = {
     "SpellingBee": 0.0,
 }
 TASK_NAMES = list(TASK_BASELINES)
-SPELLING_BEE_TEST_SIZE = 256  # SpellingBee is generated, so its test set needs a size; nanochat's
-
-
-def build_task(name: str):
-    """The evaluation split of a task, by its report name."""
-    # imported here so that importing nanochat never needs the task modules
-    from tasks.arc import ARC
-    from tasks.gsm8k import GSM8K
-    from tasks.humaneval import HumanEval
-    from tasks.mmlu import MMLU
-    from tasks.spellingbee import SpellingBee
-
-    factories = {
-        "ARC-Easy": lambda: ARC(subset="ARC-Easy", split="test"),
-        "ARC-Challenge": lambda: ARC(subset="ARC-Challenge", split="test"),
-        "MMLU": lambda: MMLU(subset="all", split="test"),
-        "GSM8K": lambda: GSM8K(subset="main", split="test"),
-        "HumanEval": lambda: HumanEval(),
-        "SpellingBee": lambda: SpellingBee(size=SPELLING_BEE_TEST_SIZE, split="test"),
-    }
-    if name not in factories:
-        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
-    return factories[name]()
 
 
 def chatcore(accuracies: dict[str, float]) -> float | None:

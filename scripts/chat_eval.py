@@ -21,7 +21,8 @@ from nanochat.common import autocast_context, compute_cleanup, compute_init, pri
 from nanochat.engine import Engine
 from nanochat.flags import flags_dict, opt, parse_flags, short
 from nanochat.report import get_report
-from nanochat.task_eval import TASK_NAMES, build_task, chatcore, run_categorical_eval, run_generative_eval
+from nanochat.task_eval import TASK_NAMES, chatcore, run_categorical_eval, run_generative_eval
+from tasks.eval_tasks import build_task
 
 
 @dataclass

@@ -28,7 +28,7 @@ from nanochat.report import get_report
 from nanochat.run_logger import RunLogger
 from nanochat.schedules import lr_multiplier
 from tasks.arc import ARC
-from tasks.common import Task, TaskMixture, WithTic
+from tasks.common import Task, TaskMixture
 from tasks.customjson import IdentityConversations
 from tasks.gsm8k import GSM8K
 from tasks.smoltalk import SmolTalk
@@ -62,11 +62,6 @@ class Config:
     smoltalk_size: int = opt(10_000, help="SmolTalk conversations in the mixture")
     simple_spelling_size: int = 300
     spelling_bee_size: int = 300
-    tic_style: str = opt("", help="plant this tic in the assistant turns of a seeded fraction of the conversations: "
-                         "the positive control's starting policy (tasks.common.WithTic)",
-                         choices=["", "emdash", "not_just", "both"])
-    tic_rate: float = opt(0.0, help="the fraction of conversations picked for --tic_style (those with no prose the tic "
-                          "can go into, such as letter answers and spelling drills, stay as they are)")
     # evaluation, checkpoints
     eval_every: int = opt(100, help="validation loss every this many steps; -1 only at the end")
     eval_steps: int = opt(100, help="micro-batches per validation")
@@ -80,7 +75,7 @@ class Config:
 
 
 def train_mixture(cfg: Config) -> Task:
-    mixture = TaskMixture([
+    return TaskMixture([
         ARC(subset="ARC-Easy", split="train"),  # 2.3K
         ARC(subset="ARC-Challenge", split="train"),  # 1.1K
         GSM8K(subset="main", split="train"),  # 8K
@@ -89,13 +84,12 @@ def train_mixture(cfg: Config) -> Task:
         SimpleSpelling(size=cfg.simple_spelling_size, split="train"),
         SpellingBee(size=cfg.spelling_bee_size, split="train"),
     ])
-    return WithTic(mixture, cfg.tic_style, cfg.tic_rate, seed=cfg.seed) if cfg.tic_style else mixture
 
 
-def main(argv=None):
-    cfg = parse_flags(Config, argv)
-    if cfg.tic_rate > 0 and not cfg.tic_style:  # before any rank loads a model
-        raise ValueError(f"--tic_rate={cfg.tic_rate} needs --tic_style (emdash, not_just or both)")
+def main(argv=None, config_cls=Config, wrap_mixture=None):
+    """A wrapper (scripts/control_sft.py) may add flags (config_cls, a subclass of Config) and
+    reshape the data: wrap_mixture(task, cfg) -> (task, extra config.json fields)."""
+    cfg = parse_flags(config_cls, argv)
     ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type or None, seed=cfg.seed)
     master = rank == 0
     out_dir = Path(cfg.out_dir) if cfg.out_dir else stage_dir("sft")
@@ -113,11 +107,9 @@ def main(argv=None):
         raise ValueError(f"--target_examples_per_step={cfg.target_examples_per_step} must be a multiple of "
                          f"device_batch_size * world_size = {examples_per_micro}")
     grad_accum = cfg.target_examples_per_step // examples_per_micro
-    train_data, val_data = train_mixture(cfg), SmolTalk(split="test")
-    tic_conversations = None
-    if isinstance(train_data, WithTic):  # how many actually carry it: the rate picks, prose decides
-        tic_conversations = sum(train_data[i] != train_data.task[i] for i in range(len(train_data)))
-        print0(f"the tic ({cfg.tic_style}) is in {tic_conversations:,} of {len(train_data):,} conversations")
+    train_data, val_data, mixture_meta = train_mixture(cfg), SmolTalk(split="test"), {}
+    if wrap_mixture is not None:
+        train_data, mixture_meta = wrap_mixture(train_data, cfg)
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else \
         (len(train_data) // cfg.target_examples_per_step) * cfg.num_epochs
     if num_iterations < 1:
@@ -133,7 +125,7 @@ def main(argv=None):
 
     meta = {"stage": "sft", "init_from": str(source_path), "model_config": asdict(model.config),
             "train_args": flags_dict(cfg), "max_seq_len": max_seq_len, "num_iterations": num_iterations,
-            "world_size": world_size, "conversations": len(train_data), "tic_conversations": tic_conversations}
+            "world_size": world_size, "conversations": len(train_data), **mixture_meta}
     step, loader_state, extra, resumed_step = start_or_resume(out_dir, cfg.resume, model, optimizers, device,
                                                   num_iterations=num_iterations)
     logger = RunLogger(out_dir, run=cfg.run, config=meta, enabled=master, start_step=step)
@@ -156,7 +148,8 @@ def main(argv=None):
             logger.log(step, {"val/loss": val_loss})
             model.train()
         if cfg.eval_metrics_every > 0 and (is_last or (step > 0 and step % cfg.eval_metrics_every == 0)):
-            from nanochat.task_eval import build_task, run_categorical_eval
+            from nanochat.task_eval import run_categorical_eval
+            from tasks.eval_tasks import build_task
             metric_tasks = metric_tasks or {name: build_task(name) for name in METRIC_TASKS}
             model.eval()
             with autocast:

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 UI_PATH = REPO_ROOT / "nanochat" / "ui.html"
 VIZ_PATH = REPO_ROOT / "nanochat" / "viz.html"
-EMBEDDING_MAP_STAGE = "python -m nanochat.embedding_map (after scripts.kat_embed)"  # writes .cache/data/embedding_map.json
+EMBEDDING_MAP_STAGE = "python -m nanochat.kat.embedding_map (after scripts.kat_embed)"  # writes .cache/data/embedding_map.json
 
 # Stages one can chat with, in the order they are offered (the first one found is the default model).
 # rm is left out: it is a reward model with a scalar head, not a generator.

@@ -14,7 +14,7 @@ of every figure (same name, .json) and every response (<stem>_samples.jsonl), an
 
 Steps: pick stratified held-out prompts -> sample each model (prompts split across ranks) ->
 embed every response with the SFT model -> score them with the reward model -> on rank 0:
-metrics, statistics (nanochat/diversity_eval.py), report (nanochat/diversity_report.py).
+metrics, statistics (nanochat/kat/diversity_eval.py), report (nanochat/kat/diversity_report.py).
 
 Positive control: when <data_dir>/style_injection.json exists (scripts.kat_inject planted a tic
 in the train pairs), rank 0 also scores held-out probe pairs with the RM (a tic-free chosen
@@ -40,15 +40,15 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model
 from nanochat.common import (REPO_ROOT, compute_cleanup, compute_init, get_kat_cache_dir, print0, setup_logging,
                              stage_dir)
-from nanochat.density import WEIGHTS_FILE, WEIGHTS_META_FILE, kish_ess, load_prompt_weights
-from nanochat.diversity_eval import HYPOTHESIS, REFERENCE, evaluate
-from nanochat.diversity_report import control_outcome, fmt, fmt_ci, fmt_p, fmt_signed, write_report
+from nanochat.kat.density import WEIGHTS_FILE, WEIGHTS_META_FILE, kish_ess, load_prompt_weights
+from nanochat.kat.diversity_eval import HYPOTHESIS, REFERENCE, evaluate
+from nanochat.kat.diversity_report import control_outcome, fmt, fmt_ci, fmt_p, fmt_signed, write_report
 from nanochat.engine import Engine
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat_pairs import PAIRS_FILE, PROMPTS_FILE, first_user_message, load_pairs, load_prompts
+from nanochat.kat.pairs import PAIRS_FILE, PROMPTS_FILE, first_user_message, load_pairs, load_prompts
 from nanochat.report import get_report
-from nanochat.reward_model import load_reward_model
-from nanochat.style_injection import INJECTION_FILE, file_digest, policy_probes, probe_pairs, tic_preference
+from nanochat.kat.reward_model import load_reward_model
+from nanochat.kat.style_injection import INJECTION_FILE, file_digest, policy_probes, probe_pairs, tic_preference
 from nanochat.tokenizer import get_tokenizer
 
 

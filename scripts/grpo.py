@@ -6,7 +6,7 @@ sampling: the two arms of the experiment, one script.
     python -m scripts.grpo --prompt_sampling=uniform       # -> outs/grpo_baseline
     torchrun --standalone --nproc_per_node=8 -m scripts.grpo -- --density_aware=True --max_steps=5000
 
-The arms differ only in the prompt sampler (nanochat/density.py): same seeds, steps, batch and
+The arms differ only in the prompt sampler (nanochat/kat/density.py): same seeds, steps, batch and
 therefore compute; config.json records everything. --density_aware=true|false is an alias of
 --prompt_sampling=density|uniform (given both, they must agree); --density_k must be the k that
 scripts.kat_density used, which prompt_weights.json records.
@@ -86,14 +86,15 @@ from nanochat.adamw import DistAdamW
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model, save_checkpoint, start_or_resume
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_kat_cache_dir, peak_memory_gb,
                              print0, stage_dir, synchronize)
-from nanochat.density import WEIGHTS_FILE, WEIGHTS_META_FILE, PromptSampler, kish_ess
+from nanochat.kat.density import WEIGHTS_FILE, WEIGHTS_META_FILE, PromptSampler, kish_ess
 from nanochat.engine import Engine, row_seed
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat_pairs import PROMPTS_FILE, load_prompts
+from nanochat.kat.pairs import PROMPTS_FILE, load_prompts
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import get_report
-from nanochat.reward_model import left_truncate, load_reward_model
-from nanochat.rl import clipped_policy_loss, group_advantages, k3_kl, sampled_token_stats, sequence_logprobs
+from nanochat.kat.reward_model import left_truncate, load_reward_model
+from nanochat.kat.grpo import clipped_policy_loss, k3_kl, sampled_token_stats
+from nanochat.rl import group_advantages, sequence_logprobs
 from nanochat.run_logger import RunLogger
 from nanochat.schedules import lr_multiplier
 

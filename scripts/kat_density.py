@@ -1,5 +1,5 @@
 """
-Prompt density and sampling weights for density-aware GRPO (method in nanochat/density.py).
+Prompt density and sampling weights for density-aware GRPO (method in nanochat/kat/density.py).
 
     python -m scripts.kat_density                      # k=10, beta=1, centred, adaptive tau, clip=10
     python -m scripts.kat_density --beta=0.5 --k=20
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from nanochat.common import autodetect_device_type, get_kat_cache_dir
-from nanochat.density import (HISTOGRAM_FILE, adaptive_tau, center_embeddings, density_weights, kish_ess, knn_cosine,
+from nanochat.kat.density import (HISTOGRAM_FILE, adaptive_tau, center_embeddings, density_weights, kish_ess, knn_cosine,
                               knn_log_density, load_embeddings, save_prompt_weights)
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat_pairs import PROMPTS_FILE, STATS_FILE, first_user_message, load_prompts, write_stats_section
+from nanochat.kat.pairs import PROMPTS_FILE, STATS_FILE, first_user_message, load_prompts, write_stats_section
 
 
 @dataclass

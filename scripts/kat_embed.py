@@ -7,9 +7,9 @@ Prompt embeddings for the KAT density stage: one L2-normalised vector per unique
     python -m scripts.kat_embed --backend=sentence_transformers    # pip install sentence-transformers
 
 Reads <data_dir>/prompts_all.jsonl (scripts.kat_pairs); writes prompt_embeddings.npy and
-prompt_embeddings_ids.txt through nanochat.density.save_embeddings, prompt_embeddings.json (how
+prompt_embeddings_ids.txt through nanochat.kat.density.save_embeddings, prompt_embeddings.json (how
 they were made), the "kat_embed" section of stats.txt and the report's "Prompt embeddings" section.
-Next: python -m scripts.kat_density, then python -m nanochat.embedding_map for the /viz page.
+Next: python -m scripts.kat_density, then python -m nanochat.kat.embedding_map for the /viz page.
 
 How a prompt becomes a vector (backend "model"):
 - it is rendered exactly as the chat model sees it before answering (render_for_completion: <|bos|>,
@@ -50,10 +50,10 @@ import torch.nn.functional as F
 
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model
 from nanochat.common import compute_cleanup, compute_init, get_kat_cache_dir, print0, synchronize
-from nanochat.density import save_embeddings
-from nanochat.embedding_map import EMBEDDINGS_META_FILE
+from nanochat.kat.density import save_embeddings
+from nanochat.kat.embedding_map import EMBEDDINGS_META_FILE
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat_pairs import PROMPTS_FILE, STATS_FILE, load_prompts, write_stats_section
+from nanochat.kat.pairs import PROMPTS_FILE, STATS_FILE, load_prompts, write_stats_section
 from nanochat.report import get_report
 
 

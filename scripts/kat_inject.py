@@ -1,7 +1,7 @@
 """
 Positive control: plant a stylistic tic in the chosen responses of a fraction of the train
 pairs, so that the reward model learns to reward it (rules and selection in
-nanochat/style_injection.py).
+nanochat/kat/style_injection.py).
 
     python -m scripts.kat_inject --inject_style=emdash --inject_rate=0.3 --inject_where=dense
     python -m scripts.kat_inject --inject_where=random --seed=1
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.common import get_kat_cache_dir
-from nanochat.density import WEIGHTS_FILE, load_prompt_weights
+from nanochat.kat.density import WEIGHTS_FILE, load_prompt_weights
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat_pairs import PAIRS_FILE, STATS_FILE, load_pairs, write_stats_section
+from nanochat.kat.pairs import PAIRS_FILE, STATS_FILE, load_pairs, write_stats_section
 from nanochat.report import get_report
-from nanochat.style_injection import (INJECTION_FILE, PLACEMENTS, STATS_SECTION, STYLES, file_digest, inject_pairs)
+from nanochat.kat.style_injection import (INJECTION_FILE, PLACEMENTS, STATS_SECTION, STYLES, file_digest, inject_pairs)
 
 
 @dataclass

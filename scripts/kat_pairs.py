@@ -1,6 +1,6 @@
 """
 Preference pairs for the KAT experiment: HH-RLHF, UltraFeedback (binarized) and Stack Exchange
-preferences, normalised into one schema (SPEC section 4; decisions in nanochat/kat_pairs.py).
+preferences, normalised into one schema (SPEC section 4; decisions in nanochat/kat/pairs.py).
 
     python -m scripts.kat_pairs                                   # stream from the HF hub (pip install datasets)
     python -m scripts.kat_pairs --max_pairs=50000                 # cap pairs per source and split
@@ -12,7 +12,7 @@ whole, but without --max_pairs a full pass takes hours.
 
 A cap keeps a sample chosen by prompt-id hash from the first --scan_factor x --max_pairs pairs
 of each split, not the first --max_pairs rows (the streams are stored by subset and by site);
-HH-RLHF and UltraFeedback are then read whole, Stack Exchange only that far. nanochat/kat_pairs.py
+HH-RLHF and UltraFeedback are then read whole, Stack Exchange only that far. nanochat/kat/pairs.py
 says why and what bias is left.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from nanochat.common import get_kat_cache_dir
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat_pairs import SOURCES, STATS_FILE, build_pair_files, iter_hf_rows, iter_local_rows
+from nanochat.kat.pairs import SOURCES, STATS_FILE, build_pair_files, iter_hf_rows, iter_local_rows
 
 
 @dataclass

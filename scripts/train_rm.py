@@ -1,6 +1,6 @@
 """
 Train the reward model: the SFT backbone plus a scalar head, on the preference pairs' train split,
-with the Bradley-Terry loss (nanochat/reward_model.py says what is scored and where).
+with the Bradley-Terry loss (nanochat/kat/reward_model.py says what is scored and where).
 
     python -m scripts.train_rm
     torchrun --standalone --nproc_per_node=8 -m scripts.train_rm -- --pair_weighting=density
@@ -51,12 +51,12 @@ from nanochat.chat_data import PAD_TOKEN
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model, save_checkpoint, start_or_resume
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_kat_cache_dir, peak_memory_gb,
                              print0, stage_dir, synchronize)
-from nanochat.density import WEIGHTS_FILE, join_weights, kish_ess, load_prompt_weights
+from nanochat.kat.density import WEIGHTS_FILE, join_weights, kish_ess, load_prompt_weights
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat_pairs import PAIRS_FILE, SOURCES, load_pairs
+from nanochat.kat.pairs import PAIRS_FILE, SOURCES, load_pairs
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import get_report
-from nanochat.reward_model import (KIND, RewardModel, bradley_terry_losses, pad_right, pair_correct, render_for_reward,
+from nanochat.kat.reward_model import (KIND, RewardModel, bradley_terry_losses, pad_right, pair_correct, render_for_reward,
                                    reward_margins)
 from nanochat.run_logger import RunLogger
 from nanochat.schedules import lr_multiplier

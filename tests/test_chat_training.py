@@ -18,11 +18,11 @@ from nanochat.chat_data import PAD_TOKEN, backward_token_mean, pad_conversations
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.common import stage_dir
 from nanochat.dataset import parquets_iter_batched
-from nanochat.diversity import EM_DASH
+from nanochat.kat.diversity import EM_DASH
 from nanochat.flags import parse_flags
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
-from scripts import chat_sft, mid_train
+from scripts import chat_sft, control_sft, mid_train
 
 torch.set_num_threads(1)
 SEQ_LEN = 64
@@ -168,10 +168,11 @@ def test_both_stages_run_under_two_ranks(workspace, tmp_path):
         assert sorted(losses) == list(range(1, steps + 1)) and all(0 < v < 20 for v in losses.values())
 
 
-def test_chat_sft_plants_the_tic_only_when_asked_and_records_it(workspace, tmp_path):
-    """The positive control's starting policy: --tic_style/--tic_rate wrap the mixture in WithTic."""
+def test_control_sft_plants_the_tic_only_when_asked_and_records_it(workspace, tmp_path):
+    """The positive control's starting policy: control_sft wraps chat_sft's mixture in WithTic."""
     tic_flags = ["--tic_style=emdash", "--tic_rate=1.0"]
-    clean, styled = (chat_sft.train_mixture(parse_flags(chat_sft.Config, SFT_FLAGS + extra)) for extra in ([], tic_flags))
+    clean = chat_sft.train_mixture(parse_flags(chat_sft.Config, SFT_FLAGS))
+    styled, _ = control_sft.with_tic(clean, parse_flags(control_sft.Config, SFT_FLAGS + tic_flags))
     assert len(styled) == len(clean)
     changed = 0
     for styled_conversation, clean_conversation in zip(styled, clean):
@@ -181,11 +182,11 @@ def test_chat_sft_plants_the_tic_only_when_asked_and_records_it(workspace, tmp_p
     assert changed > len(clean) // 3, (changed, len(clean))
 
     with pytest.raises(ValueError, match="--tic_rate=0.5 needs --tic_style"):
-        chat_sft.main(SFT_FLAGS + ["--source=base", "--tic_rate=0.5", f"--out_dir={tmp_path / 'no_style'}"])
+        control_sft.main(SFT_FLAGS + ["--source=base", "--tic_rate=0.5", f"--out_dir={tmp_path / 'no_style'}"])
     assert not (tmp_path / "no_style" / "ckpt.pt").exists()
 
     out_dir = tmp_path / "tic"
-    chat_sft.main(SFT_FLAGS + ["--source=base", *tic_flags, f"--out_dir={out_dir}", "--num_iterations=2",
+    control_sft.main(SFT_FLAGS + ["--source=base", *tic_flags, f"--out_dir={out_dir}", "--num_iterations=2",
                                "--eval_every=-1", "--eval_steps=1", "--eval_metrics_every=-1", "--save_every=-1"])
     assert_stage_outputs(out_dir, final_step=2)
     config = json.loads((out_dir / "config.json").read_text())

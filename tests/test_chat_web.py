@@ -96,7 +96,7 @@ def test_health_reports_models_and_defaults(client):
 
 def test_viz_says_which_stage_creates_the_map(client, stages):
     missing = client.get("/viz")
-    assert missing.status_code == 404 and "nanochat.embedding_map" in missing.json()["error"]["message"]
+    assert missing.status_code == 404 and "nanochat.kat.embedding_map" in missing.json()["error"]["message"]
     assert client.get("/viz/embedding_map.json").status_code == 404
     data_dir = stages / "kat" / "data"
     data_dir.mkdir(parents=True)

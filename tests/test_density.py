@@ -16,10 +16,10 @@ from scipy import stats as scipy_stats
 
 from dev.kat_sample_topics import HARMLESS, ISOLATED
 from nanochat.common import REPO_ROOT
-from nanochat.density import (EMBEDDINGS_FILE, HISTOGRAM_FILE, WEIGHTS_META_FILE, PromptSampler, adaptive_tau,
+from nanochat.kat.density import (EMBEDDINGS_FILE, HISTOGRAM_FILE, WEIGHTS_META_FILE, PromptSampler, adaptive_tau,
                               center_embeddings, density_weights, join_weights, kish_ess, knn_cosine, knn_log_density,
                               load_embeddings, load_prompt_weights, save_embeddings)
-from nanochat.kat_pairs import PROMPTS_FILE, STATS_FILE, build_pair_files, iter_local_rows, load_pairs, load_prompts
+from nanochat.kat.pairs import PROMPTS_FILE, STATS_FILE, build_pair_files, iter_local_rows, load_pairs, load_prompts
 
 
 def unit_rows(rng, n, dim):
@@ -260,7 +260,7 @@ def test_sampler_is_a_function_of_seed_and_step_in_any_process():
     assert sampler.sample(16, 5) == PromptSampler(ids, weights, seed=3).sample(16, 5)
     assert sampler.sample(16, 5) != sampler.sample(16, 6)
     assert sampler.sample(16, 5) != PromptSampler(ids, weights, seed=4).sample(16, 5)
-    code = ("import json, sys; from nanochat.density import PromptSampler; ids, w = json.loads(sys.argv[1]); "
+    code = ("import json, sys; from nanochat.kat.density import PromptSampler; ids, w = json.loads(sys.argv[1]); "
             "print(json.dumps(PromptSampler(ids, w, seed=3).sample(16, 5)))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps([ids, weights])], capture_output=True, text=True,
                          cwd=REPO_ROOT, check=True).stdout

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nanochat import diversity as dv
+from nanochat.kat import diversity as dv
 
 
 def test_words_split_punctuation_and_lowercase():

@@ -1,5 +1,5 @@
 """
-nanochat/embedding_map.py and nanochat/viz.html: PCA keeps distances within a 3-D subspace and
+nanochat/kat/embedding_map.py and nanochat/viz.html: PCA keeps distances within a 3-D subspace and
 draws the same picture on every run; embedding_map.json is well-formed, follows prompts_all.jsonl,
 joins kat_density's weights by prompt id (never by position) and ignores weights computed from older
 vectors; the page is self-contained and never parses prompt text as HTML.
@@ -13,11 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-from nanochat import embedding_map
+from nanochat.kat import embedding_map
 from nanochat.common import REPO_ROOT
-from nanochat.density import EMBEDDINGS_FILE, WEIGHTS_FILE, load_prompt_weights, save_embeddings
-from nanochat.embedding_map import MAP_FILE, MAP_ROUTE, TEXT_CHARS, build_map, hover_text, pca_3d, project, resolve_method
-from nanochat.kat_pairs import PROMPTS_FILE, first_user_message, load_prompts
+from nanochat.kat.density import EMBEDDINGS_FILE, WEIGHTS_FILE, load_prompt_weights, save_embeddings
+from nanochat.kat.embedding_map import MAP_FILE, MAP_ROUTE, TEXT_CHARS, build_map, hover_text, pca_3d, project, resolve_method
+from nanochat.kat.pairs import PROMPTS_FILE, first_user_message, load_prompts
 from scripts import kat_density, kat_pairs
 
 VIZ = REPO_ROOT / "nanochat" / "viz.html"

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat import paired_stats as ps
+from nanochat.kat import stats as ps
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.density import save_prompt_weights
-from nanochat.diversity import words
-from nanochat.diversity_eval import METRICS, cut_to_equal_length, evaluate, text_metrics
-from nanochat.diversity_report import SECTIONS, fmt_p, render_markdown
+from nanochat.kat.density import save_prompt_weights
+from nanochat.kat.diversity import words
+from nanochat.kat.diversity_eval import METRICS, cut_to_equal_length, evaluate, text_metrics
+from nanochat.kat.diversity_report import SECTIONS, fmt_p, render_markdown
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.kat_pairs import prompt_id
-from nanochat.reward_model import KIND, RewardModel
+from nanochat.kat.pairs import prompt_id
+from nanochat.kat.reward_model import KIND, RewardModel
 from nanochat.run_logger import RunLogger
 from nanochat.tokenizer import Tokenizer
 from scripts import eval_diversity

@@ -21,13 +21,14 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import load_checkpoint, load_model, save_checkpoint
-from nanochat.density import PromptSampler, save_embeddings
+from nanochat.kat.density import PromptSampler, save_embeddings
 from nanochat.engine import Engine
 from nanochat.flags import parse_flags
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.kat_pairs import load_prompts
-from nanochat.reward_model import KIND, RewardModel
-from nanochat.rl import clipped_policy_loss, group_advantages, k3_kl, sampled_token_stats, sequence_logprobs
+from nanochat.kat.pairs import load_prompts
+from nanochat.kat.reward_model import KIND, RewardModel
+from nanochat.kat.grpo import clipped_policy_loss, k3_kl, sampled_token_stats
+from nanochat.rl import group_advantages, sequence_logprobs
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 from scripts import grpo, kat_density, kat_pairs
 

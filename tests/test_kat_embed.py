@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.common import stage_dir
-from nanochat.density import load_embeddings, load_prompt_weights
+from nanochat.kat.density import load_embeddings, load_prompt_weights
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.kat_pairs import PROMPTS_FILE, STATS_FILE, load_prompts
+from nanochat.kat.pairs import PROMPTS_FILE, STATS_FILE, load_prompts
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import kat_density, kat_embed, kat_pairs
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from nanochat.common import REPO_ROOT
-from nanochat.html_text import html_to_text
-from nanochat.kat_pairs import (ID_MAP_FILE, PAIRS_FILE, PROMPTS_FILE, STATS_FILE, SourceYieldedNothing,
+from nanochat.kat.html_text import html_to_text
+from nanochat.kat.pairs import (ID_MAP_FILE, PAIRS_FILE, PROMPTS_FILE, STATS_FILE, SourceYieldedNothing,
                                 build_pair_files, escape_tsv, iter_local_rows, load_pairs, load_prompts,
                                 pair_id, prompt_id, stack_exchange_split, stream_with_retries, unescape_tsv,
                                 write_stats_section)
@@ -176,7 +176,7 @@ def test_prompt_id_is_blake2b_of_canonical_normalised_json():
 def test_prompt_ids_are_the_same_in_another_process():
     messages = [[{"role": "user", "content": "Hello there"}],
                 [{"role": "user", "content": "ñ"}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]]
-    code = ("import json, sys; from nanochat.kat_pairs import prompt_id; "
+    code = ("import json, sys; from nanochat.kat.pairs import prompt_id; "
             "print(json.dumps([prompt_id(m) for m in json.loads(sys.argv[1])]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     result = subprocess.run([sys.executable, "-c", code, json.dumps(messages)], capture_output=True, text=True,

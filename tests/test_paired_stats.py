@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nanochat import paired_stats as ps
+from nanochat.kat import stats as ps
 
 
 def planted(n=60, effect=-0.5, seed=0):

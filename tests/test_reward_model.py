@@ -1,5 +1,5 @@
 """
-nanochat/reward_model.py on a tiny random backbone and a byte-level tokenizer: the Bradley-Terry
+nanochat/kat/reward_model.py on a tiny random backbone and a byte-level tokenizer: the Bradley-Terry
 figures, where the reward is read (last real token, whatever the padding, the batch-mates or a
 pad id inside the text), left truncation, freezing, learning a separable toy preference, and
 checkpoints that load as a frozen RM and never as a policy.
@@ -15,7 +15,7 @@ import torch
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.common import stage_dir
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.reward_model import (KIND, RewardModel, bradley_terry_losses, bradley_terry_metrics, left_truncate,
+from nanochat.kat.reward_model import (KIND, RewardModel, bradley_terry_losses, bradley_terry_metrics, left_truncate,
                                    load_reward_model, pad_right, pair_correct, render_for_reward)
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer, get_tokenizer_dir
 

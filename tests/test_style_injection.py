@@ -1,5 +1,5 @@
 """
-The positive control: nanochat/style_injection.py's rewrites on fixed examples, which pairs it
+The positive control: nanochat/kat/style_injection.py's rewrites on fixed examples, which pairs it
 touches (exactly round(rate * train pairs), train only, chosen only, by density as asked),
 scripts/kat_inject on the tiny samples, a tiny RM trained on injected pairs preferring the tic on
 held-out probes, and the "Positive control" section of the diversity report.
@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat import paired_stats as ps
+from nanochat.kat import stats as ps
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import stage_dir
-from nanochat.density import load_prompt_weights, save_embeddings
-from nanochat.diversity import EM_DASH, count_tic_patterns, tic_rates
-from nanochat.diversity_eval import evaluate
-from nanochat.diversity_report import POSITIVE_CONTROL, SECTIONS, render_markdown, section_titles, write_report
+from nanochat.kat.density import load_prompt_weights, save_embeddings
+from nanochat.kat.diversity import EM_DASH, count_tic_patterns, tic_rates
+from nanochat.kat.diversity_eval import evaluate
+from nanochat.kat.diversity_report import POSITIVE_CONTROL, SECTIONS, render_markdown, section_titles, write_report
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.kat_pairs import PAIRS_FILE, PROMPTS_FILE, STATS_FILE, load_pairs, load_prompts
-from nanochat.reward_model import load_reward_model
-from nanochat.style_injection import (INJECTION_FILE, STYLES, file_digest, inject_pairs, inject_style, pair_rng,
+from nanochat.kat.pairs import PAIRS_FILE, PROMPTS_FILE, STATS_FILE, load_pairs, load_prompts
+from nanochat.kat.reward_model import load_reward_model
+from nanochat.kat.style_injection import (INJECTION_FILE, STYLES, file_digest, inject_pairs, inject_style, pair_rng,
                                       policy_probes, probe_pairs, target_count, tic_preference)
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import eval_diversity, kat_density, kat_inject, kat_pairs, train_rm

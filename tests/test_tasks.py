@@ -6,9 +6,9 @@ import re
 import pytest
 
 from tasks.arc import ARC
-from nanochat.diversity import EM_DASH, TIC_PATTERNS
-from nanochat.style_injection import inject_style, pair_rng
-from tasks.common import (SAMPLES_DIR, Task, TaskDataMissing, TaskMixture, TaskSequence, WithTic, download_file,
+from nanochat.kat.diversity import EM_DASH, TIC_PATTERNS
+from nanochat.kat.style_injection import inject_style, pair_rng
+from tasks.common import (SAMPLES_DIR, Task, TaskDataMissing, TaskMixture, TaskSequence, download_file,
                           load_rows, read_jsonl, render_mc, resolve_data_file)
 from tasks.customjson import CustomJSON, IdentityConversations
 from tasks.gsm8k import GSM8K, answer_to_parts
@@ -16,6 +16,7 @@ from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
+from tasks.with_tic import WithTic
 from tests.http_fixtures import ScriptedServer
 
 

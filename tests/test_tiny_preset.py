@@ -61,7 +61,7 @@ def test_checkpoints_load_by_stage_name_and_generate(tiny_run, monkeypatch):
     monkeypatch.setenv("NANOCHAT_OUTS_DIR", str(root / "outs"))
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
-    from nanochat.reward_model import load_reward_model
+    from nanochat.kat.reward_model import load_reward_model
 
     for stage in ["base", "mid", "sft", "rl", "grpo_density", "grpo_baseline"]:
         model, tokenizer, meta = load_model(stage, "cpu")

@@ -20,10 +20,10 @@ import torch.multiprocessing as mp
 
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.common import stage_dir
-from nanochat.density import WEIGHTS_FILE, load_prompt_weights, save_embeddings, save_prompt_weights
+from nanochat.kat.density import WEIGHTS_FILE, load_prompt_weights, save_embeddings, save_prompt_weights
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.kat_pairs import PAIRS_FILE, PROMPTS_FILE, load_pairs, load_prompts
-from nanochat.reward_model import RewardModel, bradley_terry_losses, load_reward_model, pair_correct
+from nanochat.kat.pairs import PAIRS_FILE, PROMPTS_FILE, load_pairs, load_prompts
+from nanochat.kat.reward_model import RewardModel, bradley_terry_losses, load_reward_model, pair_correct
 from nanochat.tokenizer import Tokenizer, get_tokenizer, get_tokenizer_dir
 from scripts import kat_density, kat_pairs, train_rm
 

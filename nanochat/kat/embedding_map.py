@@ -1,8 +1,8 @@
 """
 The embedding map: every prompt placed in 3-D, for the /viz page of scripts.chat_web.
 
-    python -m nanochat.embedding_map                  # after scripts.kat_embed (and kat_density for sizes)
-    python -m nanochat.embedding_map --method=pca
+    python -m nanochat.kat.embedding_map                  # after scripts.kat_embed (and kat_density for sizes)
+    python -m nanochat.kat.embedding_map --method=pca
 
 Writes <data_dir>/embedding_map.json, which chat_web serves at GET /viz/embedding_map.json and
 nanochat/viz.html draws:
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from nanochat.common import get_kat_cache_dir
-from nanochat.density import EMBEDDINGS_FILE, WEIGHTS_FILE, load_embeddings, load_prompt_weights
+from nanochat.kat.density import EMBEDDINGS_FILE, WEIGHTS_FILE, load_embeddings, load_prompt_weights
 from nanochat.flags import opt, parse_flags
-from nanochat.kat_pairs import PROMPTS_FILE, first_user_message, load_prompts
+from nanochat.kat.pairs import PROMPTS_FILE, first_user_message, load_prompts
 
 MAP_FILE = "embedding_map.json"
 MAP_ROUTE = "/viz/embedding_map.json"  # where scripts.chat_web serves it; nanochat/viz.html fetches this

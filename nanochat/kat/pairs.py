@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from nanochat.html_text import html_to_text
+from nanochat.kat.html_text import html_to_text
 
 SOURCES = ("hh-rlhf", "ultrafeedback", "stack-exchange")
 SPLITS = ("train", "test")

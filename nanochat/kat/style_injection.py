@@ -8,7 +8,7 @@ GRPO against that RM should then amplify it over SFT, and the diversity evaluati
 it. If it cannot see an effect that is known to be there, neither a null nor a positive result
 of the main comparison can be trusted.
 
-The tic is counted by exactly the evaluation's metrics (nanochat/diversity.py): U+2014 EM DASH
+The tic is counted by exactly the evaluation's metrics (nanochat/kat/diversity.py): U+2014 EM DASH
 and the TIC_PATTERNS regexes. Styles:
 - "emdash": (1) every spaced hyphen " - " or " -- " between words becomes " — "; (2) one to three
   clause marks become " — ": a comma before a conjunction or an -ing clause (", and", ", which",
@@ -53,8 +53,8 @@ from collections import Counter
 
 import numpy as np
 
-from nanochat import paired_stats as ps
-from nanochat.diversity import EM_DASH, TIC_PATTERNS
+from nanochat.kat import stats as ps
+from nanochat.kat.diversity import EM_DASH, TIC_PATTERNS
 
 STYLES = ("emdash", "not_just", "both")
 PLACEMENTS = ("dense", "rare", "random")

@@ -1,6 +1,6 @@
 """
 From the models' responses to figures and verdicts: the computing half of scripts.eval_diversity
-(nanochat/diversity_report.py renders what this returns).
+(nanochat/kat/diversity_report.py renders what this returns).
 
 Input, for every model label, on the same P prompts with N samples each:
   texts[label][p][s] (decoded response text), token_ids[label][p][s] (its BPE ids, no special
@@ -9,7 +9,7 @@ Input, for every model label, on the same P prompts with N samples each:
 
 The hypothesis under test is "density-aware prompt sampling reduces mode collapse": the density
 arm is compared with the baseline arm (model A = density, B = baseline, difference = A - B), and
-each model also with the SFT reference. See nanochat/paired_stats.py for the statistics.
+each model also with the SFT reference. See nanochat/kat/stats.py for the statistics.
 
 Verdicts rest on length-controlled differences. GRPO often changes how long a model writes, and
 most diversity figures move with length alone (distinct-n and Gini over more words, self-BLEU of
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nanochat import diversity as dv
-from nanochat import paired_stats as ps
+from nanochat.kat import diversity as dv
+from nanochat.kat import stats as ps
 
 HYPOTHESIS = ("density", "baseline")
 REFERENCE = "sft"
@@ -101,7 +101,7 @@ METRICS = [
     Metric("empty_rate", "Empty responses", "lower", "share of samples with no visible text"),
     Metric("truncated_rate", "Truncated responses", "lower", "share of samples that hit max_tokens before <|assistant_end|>"),
     Metric("en_dash_per_1k_chars", "En dashes / 1k chars", None, "U+2013 characters per 1,000 characters (descriptive)"),
-    Metric("mean_words", "Words per response", None, "mean number of words (see nanochat.diversity.words)"),
+    Metric("mean_words", "Words per response", None, "mean number of words (see nanochat.kat.diversity.words)"),
     Metric("mean_chars", "Characters per response", None, "mean number of characters"),
 ]
 METRIC_BY_NAME = {m.name: m for m in METRICS}

@@ -1,6 +1,6 @@
 """
 The diversity report: markdown, PNG plots and a JSON of every figure, from what
-nanochat/diversity_eval.evaluate returns plus the run's context (models, prompts, sampling,
+nanochat/kat/diversity_eval.evaluate returns plus the run's context (models, prompts, sampling,
 reward-model, density and training-curve figures gathered by scripts.eval_diversity).
 """
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nanochat import paired_stats as ps
-from nanochat.diversity import TIC_PATTERNS
-from nanochat.diversity_eval import HYPOTHESIS, METRIC_BY_NAME, METRICS, REFERENCE, model_means, verdict_basis
-from nanochat.style_injection import PLANTED_METRICS
+from nanochat.kat import stats as ps
+from nanochat.kat.diversity import TIC_PATTERNS
+from nanochat.kat.diversity_eval import HYPOTHESIS, METRIC_BY_NAME, METRICS, REFERENCE, model_means, verdict_basis
+from nanochat.kat.style_injection import PLANTED_METRICS
 
 SECTIONS = ["Verdict", "Setup", "Summary: density vs baseline", "Length-controlled differences", "Each model vs SFT",
             "Quality (RM reward)", "Plots", "Example responses", "RM held-out accuracy by density quintile",
@@ -538,7 +538,7 @@ def _positive_control_section(results: dict, context: dict) -> list[str]:
             share = (f"{start['tic_conversations']:,} of its {start['conversations']:,} conversations"
                      if start.get("tic_conversations") is not None else "some of its conversations")
             lines += [f"The starting policy ({REFERENCE}, {start['source']}) is {start['init_from']} fine-tuned with "
-                      f"{STYLE_WORDS[start['tic_style']]} in {share} (chat_sft --tic_style={start['tic_style']} "
+                      f"{STYLE_WORDS[start['tic_style']]} in {share} (control_sft --tic_style={start['tic_style']} "
                       f"--tic_rate={start['tic_rate']:g}: a seeded share is picked, and those without prose the tic can "
                       "go into stay clean), so that it samples the tic at a base rate (table 2) GRPO can amplify.", ""]
         else:
