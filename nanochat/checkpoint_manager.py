@@ -29,7 +29,6 @@ import logging
 import os
 import random
 import re
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import REPO_ROOT, stage_dir
+from nanochat.common import atomic_write, git_commit, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,29 +67,11 @@ def _barrier():
         dist.barrier()
 
 
-def _fsync_dir(directory: Path):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write):
-    """write(f) into a temporary file beside `path`, fsync it, rename it over `path`."""
-    for stale in path.parent.glob(f"{path.name}.tmp*"):  # left behind by a save that was killed
+    """write(f) durably into path (fsync, rename), first removing what a killed save left behind."""
+    for stale in path.parent.glob(f"{path.name}.tmp*"):
         stale.unlink()
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, write, durable=True)
 
 
 def _check_plain(obj, where: str):
@@ -107,16 +88,6 @@ def _check_plain(obj, where: str):
     else:
         raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}; checkpoints hold only tensors, "
                         "numbers, strings, lists and dicts (convert numpy scalars with int()/float())")
-
-
-def _git_commit() -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        return "unknown (git is not installed)"
-    if result.returncode != 0:
-        return "unknown (not a git checkout with commits)"
-    return result.stdout.strip()
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +152,7 @@ def save_checkpoint(out_dir, step: int, model, optimizers, *, meta: dict, loader
     _barrier()  # every rank's file is in place before the main file says the checkpoint exists
     if rank == 0:
         full_meta = {**meta, "stage": meta.get("stage", out_dir.name), "step": step, "world_size": world_size,
-                     "git_commit": _git_commit(), "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                     "git_commit": git_commit(), "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         meta_json = json.dumps(full_meta, indent=2)  # fails here, before any file is touched, if meta is not JSON
         payload = {"format": 1, "step": step, "world_size": world_size, "meta": full_meta,
                    "model": _model_state(model), "extra": extra, "rank_state": rank_state}
@@ -356,29 +327,39 @@ def find_stage_checkpoint(stage_or_path) -> Path:
     return latest
 
 
-def load_model(stage_or_path, device, phase: str = "eval"):
-    """(model, tokenizer, meta) for a stage name ("base", "sft", "grpo_density", ...) or a checkpoint path."""
+def build_model(model_config: dict, device):
+    """A GPT of these config fields on device, ready for load_state_dict (no memory spent on an init first)."""
     from nanochat.gpt import GPT, GPTConfig
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**model_config))
+    model.to_empty(device=torch.device(device))
+    model.init_weights()  # rebuilds the rotary buffers, which checkpoints do not hold
+    return model
+
+
+def tokenizer_for(vocab_size: int, path):
+    """The run's tokenizer, checked to be the one the checkpoint at path was trained with."""
     from nanochat.tokenizer import get_tokenizer
 
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"{path} was trained with a {vocab_size}-token vocabulary but the tokenizer "
+                           f"has {tokenizer.get_vocab_size()}; point NANOCHAT_BASE_DIR at the run that made it")
+    return tokenizer
+
+
+def load_model(stage_or_path, device, phase: str = "eval"):
+    """(model, tokenizer, meta) for a stage name ("base", "sft", "grpo_density", ...) or a checkpoint path."""
     if phase not in ("eval", "train"):
         raise ValueError(f"phase must be 'eval' or 'train', got {phase!r}")
-    device = torch.device(device)
     path = find_stage_checkpoint(stage_or_path)
     ckpt = load_checkpoint(path, device)
     meta = ckpt["meta"]
-    config = GPTConfig(**meta["model_config"])
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # rebuilds the rotary buffers, which checkpoints do not hold
+    model = build_model(meta["model_config"], device)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"weights in {path} do not fit GPT({config}): {e}") from e
+        raise RuntimeError(f"weights in {path} do not fit GPT({model.config}): {e}") from e
     model.train(phase == "train")
-    tokenizer = get_tokenizer()
-    if tokenizer.get_vocab_size() != config.vocab_size:
-        raise RuntimeError(f"{path} was trained with a {config.vocab_size}-token vocabulary but the tokenizer "
-                           f"has {tokenizer.get_vocab_size()}; point NANOCHAT_BASE_DIR at the run that made it")
-    return model, tokenizer, meta
+    return model, tokenizer_for(model.config.vocab_size, path), meta

@@ -8,6 +8,7 @@ Only torch and numpy are imported here, so `import nanochat` stays light.
 import logging
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,6 +46,50 @@ def get_kat_cache_dir() -> Path:
 def stage_dir(stage: str) -> Path:
     """outs/<stage>/ for a stage name such as base, sft or grpo_density."""
     return get_outs_dir() / stage
+
+
+# -----------------------------------------------------------------------------
+# Files and provenance
+
+def atomic_write(path, content, *, durable: bool = False):
+    """
+    Write content (str, bytes, or a callable given the open binary file) to a temporary file
+    beside path, then rename it over path: readers see the old file or the new one, never half.
+    durable: fsync the file and its folder first (checkpoints must survive a power cut).
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a killed or failed write leaves the old file and nothing else
+        raise
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself reaches the disk
+        finally:
+            os.close(fd)
+    return path
+
+
+def git_commit() -> str:
+    """The checkout's HEAD commit, or why it is unknown (recorded in checkpoints and reports)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return "unknown (git is not installed)"
+    if result.returncode != 0:
+        return "unknown (not a git checkout with commits)"
+    return result.stdout.strip()
 
 
 # -----------------------------------------------------------------------------

@@ -66,6 +66,41 @@ def build_optimizers(matrix_params, embedding_params, lm_head_params, model_dim:
     return optimizers
 
 
+def build_adamw(param_groups: list[dict], *, ddp: bool, betas=(0.9, 0.95), eps: float = 1e-8,
+                weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """
+    Plain AdamW over the given groups (each with params and lr): DistAdamW under torchrun,
+    torch's fused AdamW on CUDA otherwise. Every group records initial_lr for set_lr_multiplier.
+    Used where every parameter gets AdamW (the reward model, GRPO), not nanochat's Muon split.
+    """
+    if ddp and not dist.is_initialized():
+        raise RuntimeError("build_adamw(ddp=True) needs torch.distributed initialised (run under torchrun)")
+    kwargs = dict(betas=betas, eps=eps, weight_decay=weight_decay)
+    if ddp:
+        optimizer = DistAdamW(param_groups, **kwargs)
+    else:
+        on_cuda = all(p.is_cuda for group in param_groups for p in group["params"])
+        optimizer = torch.optim.AdamW(param_groups, fused=on_cuda or None, **kwargs)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
+def set_lr_multiplier(optimizers, lrm: float):
+    """Every group's learning rate to lrm times its initial_lr (the schedules' one way to move the LR)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+
+
+def set_muon_momentum(optimizers, momentum: float):
+    """The momentum of every Muon group (build_optimizers marks them kind "muon"); nanochat warms it up."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            if group.get("kind") == "muon":
+                group["momentum"] = momentum
+
+
 def _is_distributed(opt) -> bool:
     return isinstance(opt, (DistAdamW, DistMuon))
 

@@ -33,7 +33,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from nanochat.common import REPO_ROOT, get_base_dir, get_rank
+from nanochat.common import REPO_ROOT, atomic_write, get_base_dir, get_rank
 
 # Stage files in the order a run produces them; any other <stage>_report.md follows alphabetically.
 STAGE_ORDER = ["tok", "base", "mid", "sft", "rl", "kat_data", "rm", "grpo_density", "grpo_baseline", "diversity"]
@@ -103,12 +103,6 @@ def section_pattern(section: str) -> re.Pattern:
 def parse_bullets(text: str) -> dict[str, str]:
     """Every "- key: value" line of a markdown text; a later bullet with the same key wins."""
     return {m["key"].strip(): m["value"].strip() for m in BULLET.finditer(text)}
-
-
-def atomic_write(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def report_copy_path() -> Path:

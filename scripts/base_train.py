@@ -26,7 +26,7 @@ from nanochat.flags import flags_dict, opt, parse_flags
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.muon import muon_momentum
-from nanochat.optim import clip_grad_norm_
+from nanochat.optim import clip_grad_norm_, set_lr_multiplier, set_muon_momentum
 from nanochat.report import get_report
 from nanochat.run_logger import RunLogger
 from nanochat.schedules import lr_multiplier
@@ -209,11 +209,8 @@ def main(argv=None):
             pending_state = train_loader.state_dict()
             x, y = next(train_loader)  # prefetch while the GPU works on the backward pass
         lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-        for opt_ in optimizers:
-            for group in opt_.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-                if group["kind"] == "muon":
-                    group["momentum"] = muon_momentum(step)
+        set_lr_multiplier(optimizers, lrm)
+        set_muon_momentum(optimizers, muon_momentum(step))
         grad_norm = None
         if cfg.grad_clip > 0:
             grad_norm = clip_grad_norm_(optimizers, cfg.grad_clip)  # acts on the synchronised gradient

@@ -34,7 +34,7 @@ from nanochat.common import (autocast_context, compute_cleanup, compute_init, pe
                              synchronize)
 from nanochat.engine import Engine, row_seed
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.optim import clip_grad_norm_
+from nanochat.optim import clip_grad_norm_, set_lr_multiplier
 from nanochat.report import get_report
 from nanochat.rl import group_advantages, sequence_logprobs
 from nanochat.run_logger import RunLogger
@@ -180,9 +180,7 @@ def main(argv=None):
             dist.all_reduce(num_tokens)
         scale = world_size / num_tokens.clamp(min=1)  # the distributed optimizers average gradients over ranks
         lrm = lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
-        for opt_ in optimizers:
-            for group in opt_.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        set_lr_multiplier(optimizers, lrm)
         for start in range(0, len(completions), cfg.device_batch_size):
             end = start + cfg.device_batch_size
             with autocast:

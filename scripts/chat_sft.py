@@ -23,7 +23,7 @@ from nanochat.checkpoint_manager import find_stage_checkpoint, load_model, save_
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, peak_memory_gb, print0, stage_dir,
                              synchronize)
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.optim import clip_grad_norm_
+from nanochat.optim import clip_grad_norm_, set_lr_multiplier
 from nanochat.report import get_report
 from nanochat.run_logger import RunLogger
 from nanochat.schedules import lr_multiplier
@@ -172,9 +172,7 @@ def main(argv=None, config_cls=Config, wrap_mixture=None):
         t0 = time.time()
         micro_batches = [next(loader) for _ in range(grad_accum)]
         lrm = lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
-        for opt_ in optimizers:
-            for group in opt_.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        set_lr_multiplier(optimizers, lrm)
         loss, num_tokens = backward_token_mean(model, micro_batches, autocast)
         grad_norm = clip_grad_norm_(optimizers, cfg.grad_clip) if cfg.grad_clip > 0 else None
         for opt_ in optimizers:

@@ -27,7 +27,6 @@ stops the run before any sampling.
 
 import gc
 import json
-import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model
-from nanochat.common import (REPO_ROOT, compute_cleanup, compute_init, get_kat_cache_dir, print0, setup_logging,
+from nanochat.common import (compute_cleanup, compute_init, git_commit, get_kat_cache_dir, print0, setup_logging,
                              stage_dir)
 from nanochat.kat.density import WEIGHTS_FILE, WEIGHTS_META_FILE, kish_ess, load_prompt_weights
 from nanochat.kat.diversity_eval import HYPOTHESIS, REFERENCE, evaluate
@@ -113,11 +112,6 @@ def resolve_checkpoints(sources: dict[str, str]) -> dict[str, Path]:
             raise SystemExit(f"{seen[path]} and {label} both resolve to {path}: that would compare a model with itself")
         seen[path] = label
     return paths
-
-
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 # -----------------------------------------------------------------------------

@@ -82,7 +82,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanochat.adamw import DistAdamW
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model, save_checkpoint, start_or_resume
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_kat_cache_dir, peak_memory_gb,
                              print0, stage_dir, synchronize)
@@ -90,7 +89,7 @@ from nanochat.kat.density import WEIGHTS_FILE, WEIGHTS_META_FILE, PromptSampler,
 from nanochat.engine import Engine, row_seed
 from nanochat.flags import flags_dict, opt, parse_flags
 from nanochat.kat.pairs import PROMPTS_FILE, load_prompts
-from nanochat.optim import clip_grad_norm_
+from nanochat.optim import build_adamw, clip_grad_norm_, set_lr_multiplier
 from nanochat.report import get_report
 from nanochat.kat.reward_model import left_truncate, load_reward_model
 from nanochat.kat.grpo import clipped_policy_loss, k3_kl, sampled_token_stats
@@ -100,7 +99,6 @@ from nanochat.schedules import lr_multiplier
 
 STAGES = {"density": "grpo_density", "uniform": "grpo_baseline"}
 EVAL_STREAM = -1  # the engine-seed "step" of evaluations; training steps are >= 0, so they never collide
-ADAMW_BETAS, ADAMW_EPS = (0.9, 0.95), 1e-8  # as train_rm
 
 
 @dataclass
@@ -297,7 +295,7 @@ def micro_batches(rollouts: dict, size: int):
         yield slice(start, start + size)
 
 
-def policy_update(model, reference, optimizers, rollouts, advantages, cfg, lr, device, world_size, autocast) -> dict:
+def policy_update(model, reference, optimizers, rollouts, advantages, cfg, device, world_size, autocast) -> dict:
     """inner_epochs optimizer steps on one step's rollouts; returns per-token means over all ranks."""
     prompts, completions, masks = rollouts["prompts"], rollouts["completions"], rollouts["masks"]
     num_tokens = torch.tensor(float(sum(sum(m) for m in masks)), device=device)
@@ -317,9 +315,6 @@ def policy_update(model, reference, optimizers, rollouts, advantages, cfg, lr, d
             sums[3] += entropy.sum()
             ref.append(sequence_logprobs(reference, prompts[rows], completions[rows], device, sampled_masks=masks[rows])[0])
 
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
     grad_norm = None
     for _ in range(cfg.inner_epochs):
         for i, rows in enumerate(micro_batches(rollouts, cfg.device_batch_size)):
@@ -344,16 +339,6 @@ def policy_update(model, reference, optimizers, rollouts, advantages, cfg, lr, d
     return {"loss": pref_loss + cfg.beta * kl, "pref_loss": pref_loss, "kl_loss": cfg.beta * kl, "kl": kl,
             "clip_frac": clipped_sum / passes, "entropy": entropy_sum / num_tokens.item(),
             "num_tokens": int(num_tokens.item()), "grad_norm": None if grad_norm is None else float(grad_norm)}
-
-
-def build_optimizer(model, cfg: Config, ddp: bool, device):
-    groups = [dict(params=list(model.parameters()), lr=cfg.learning_rate)]
-    kwargs = dict(betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=cfg.weight_decay)
-    optimizer = DistAdamW(groups, **kwargs) if ddp else \
-        torch.optim.AdamW(groups, fused=device.type == "cuda" or None, **kwargs)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
-    return [optimizer]
 
 
 def assert_disjoint_parameters(**modules):
@@ -411,7 +396,8 @@ def main(argv=None, reward_model=None):
     print0(f"{len(sampler.ids):,} train prompts (sampler ESS {sampler_ess:,.1f}) | {len(test_prefixes)} held-out "
            f"test prompts | {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples per step | {cfg.max_steps} steps")
 
-    optimizers = build_optimizer(model, cfg, ddp, device)
+    optimizers = [build_adamw([dict(params=list(model.parameters()), lr=cfg.learning_rate)], ddp=ddp,
+                              weight_decay=cfg.weight_decay)]
     meta = {"stage": stage, "init_from": cfg.source, "init_checkpoint": str(source_path), "reward_model": rm_source,
             "prompt_sampling": mode, "model_config": asdict(model.config), "train_args": flags_dict(cfg),
             "num_iterations": cfg.max_steps, "world_size": world_size,
@@ -468,8 +454,8 @@ def main(argv=None, reward_model=None):
         # ---- policy update
         model.train()
         lrm = lr_multiplier(step, cfg.max_steps, warmup_ratio=cfg.warmup_ratio, warmdown_ratio=cfg.warmdown_ratio)
-        update = policy_update(model, reference, optimizers, rollouts, advantages, cfg, cfg.learning_rate * lrm,
-                               device, world_size, autocast)
+        set_lr_multiplier(optimizers, lrm)
+        update = policy_update(model, reference, optimizers, rollouts, advantages, cfg, device, world_size, autocast)
         synchronize(device)
         t3 = time.time()
         step += 1

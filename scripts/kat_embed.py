@@ -38,7 +38,6 @@ so every rank gets the same mix of lengths; rank 0 gathers the vectors and write
 """
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model
-from nanochat.common import compute_cleanup, compute_init, get_kat_cache_dir, print0, synchronize
+from nanochat.common import atomic_write, compute_cleanup, compute_init, get_kat_cache_dir, print0, synchronize
 from nanochat.kat.density import save_embeddings
 from nanochat.kat.embedding_map import EMBEDDINGS_META_FILE
 from nanochat.flags import flags_dict, opt, parse_flags
@@ -234,9 +233,7 @@ def main(argv: list[str] | None = None):
         source = f"{cfg.source} model" if cfg.backend == "model" else cfg.st_model
         meta = {"backend": cfg.backend, "source": source, "n": len(ids), "dim": int(dim), "ranks": world_size,
                 "seconds": seconds, "embed_seconds": embed_seconds, "flags": flags_dict(cfg), **details}
-        tmp = data_dir / (EMBEDDINGS_META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, data_dir / EMBEDDINGS_META_FILE)
+        atomic_write(data_dir / EMBEDDINGS_META_FILE, json.dumps(meta, indent=2) + "\n")
         lines = [f"{len(ids)} prompts -> {dim}-d unit vectors from the {source} ({cfg.backend} backend) "
                  f"on {world_size} x {device.type} in {seconds:.1f}s, of which the embedding pass {embed_seconds:.1f}s "
                  f"({len(ids) / max(embed_seconds, 1e-9):.1f} prompts/s)"]

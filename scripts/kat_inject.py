@@ -22,12 +22,11 @@ section of stats.txt and a report section. Test pairs are never modified.
 """
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.common import get_kat_cache_dir
+from nanochat.common import atomic_write, get_kat_cache_dir
 from nanochat.kat.density import WEIGHTS_FILE, load_prompt_weights
 from nanochat.flags import flags_dict, opt, parse_flags
 from nanochat.kat.pairs import PAIRS_FILE, STATS_FILE, load_pairs, write_stats_section
@@ -48,11 +47,7 @@ class Config:
 
 
 def write_pairs(path: Path, pairs: list[dict]):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for pair in pairs:
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
 
 
 def one_line(text: str, limit: int = 240) -> str:
@@ -110,9 +105,7 @@ def main(argv: list[str] | None = None):
     else:
         record = {"flags": flags_dict(cfg), **summary, "pairs_file": PAIRS_FILE, "pairs_blake2b": file_digest(pairs_path),
                   "written": time.strftime("%Y-%m-%d %H:%M:%S")}
-        tmp = record_path.with_name(record_path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, record_path)
+        atomic_write(record_path, json.dumps(record, indent=2) + "\n")
         body = stats_body(cfg, summary, pairs)
     write_stats_section(data_dir / STATS_FILE, STATS_SECTION, body)
     get_report().log(stage="kat_inject", section="Style injection (positive control)", data=[flags_dict(cfg), body])

@@ -27,7 +27,7 @@ from nanochat.common import (autocast_context, compute_cleanup, compute_init, de
 from nanochat.flags import flags_dict, opt, parse_flags
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.muon import muon_momentum
-from nanochat.optim import clip_grad_norm_
+from nanochat.optim import clip_grad_norm_, set_lr_multiplier, set_muon_momentum
 from nanochat.report import get_report
 from nanochat.run_logger import RunLogger
 from nanochat.schedules import lr_multiplier, lr_multiplier_at_progress
@@ -176,11 +176,8 @@ def main(argv=None):
             lrm = lr_multiplier(step, cfg.num_iterations, 0.0, cfg.warmdown_ratio, cfg.final_lr_frac)
         else:
             lrm = lr_multiplier_at_progress(min(progress, 1.0), 0.0, cfg.warmdown_ratio, cfg.final_lr_frac)
-        for opt_ in optimizers:
-            for group in opt_.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-                if group.get("kind") == "muon":
-                    group["momentum"] = muon_momentum(step)
+        set_lr_multiplier(optimizers, lrm)
+        set_muon_momentum(optimizers, muon_momentum(step))
         loss, num_tokens = backward_token_mean(train_model, micro_batches, autocast)
         grad_norm = clip_grad_norm_(optimizers, cfg.grad_clip) if cfg.grad_clip > 0 else None
         for opt_ in optimizers:

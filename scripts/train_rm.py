@@ -36,7 +36,6 @@ of the test prompts (quintile 1 = rarest), into eval.json and the report.
 
 import json
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -46,15 +45,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.adamw import DistAdamW
 from nanochat.chat_data import PAD_TOKEN
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model, save_checkpoint, start_or_resume
-from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_kat_cache_dir, peak_memory_gb,
+from nanochat.common import (atomic_write, autocast_context, compute_cleanup, compute_init, get_kat_cache_dir, peak_memory_gb,
                              print0, stage_dir, synchronize)
 from nanochat.kat.density import WEIGHTS_FILE, join_weights, kish_ess, load_prompt_weights
 from nanochat.flags import flags_dict, opt, parse_flags
 from nanochat.kat.pairs import PAIRS_FILE, SOURCES, load_pairs
-from nanochat.optim import clip_grad_norm_
+from nanochat.optim import build_adamw, clip_grad_norm_, set_lr_multiplier
 from nanochat.report import get_report
 from nanochat.kat.reward_model import (KIND, RewardModel, bradley_terry_losses, pad_right, pair_correct, render_for_reward,
                                    reward_margins)
@@ -255,12 +253,6 @@ def eval_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: Path, obj):
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # -----------------------------------------------------------------------------
 # Training
 
@@ -301,12 +293,7 @@ def main(argv=None):
            f"{sum(p.numel() for p in rm.parameters()):,} parameters (train_blocks={cfg.train_blocks})")
     groups = [dict(params=ps, lr=lr, name=name) for ps, lr, name in
               ((block_params, cfg.lr, "blocks"), (head_params, cfg.head_lr, "head")) if ps]
-    adamw_kwargs = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
-    optimizer = DistAdamW(groups, **adamw_kwargs) if ddp else \
-        torch.optim.AdamW(groups, fused=device.type == "cuda" or None, **adamw_kwargs)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
-    optimizers = [optimizer]
+    optimizers = [build_adamw(groups, ddp=ddp, weight_decay=cfg.weight_decay)]
     pad_id = tokenizer.encode_special(PAD_TOKEN)
 
     meta = {"stage": "rm", "kind": KIND, "source": cfg.source, "init_from": str(source_path),
@@ -343,8 +330,7 @@ def main(argv=None):
         synchronize(device)
         t0 = time.time()
         lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+        set_lr_multiplier(optimizers, lrm)
         mine = step_pairs(len(train), cfg.pairs_per_step, step, cfg.seed, rank, world_size)
         scale = world_size / cfg.pairs_per_step  # DistAdamW averages over ranks: the result is the global mean
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # weighted loss, correct, margin
@@ -356,7 +342,7 @@ def main(argv=None):
             extra["truncated_rows"] += truncated
             extra["response_cut_rows"] += response_cut
         grad_norm = clip_grad_norm_(optimizers, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
+        optimizers[0].step()
         rm.zero_grad(set_to_none=True)
         if ddp:
             dist.all_reduce(sums)
@@ -389,7 +375,7 @@ def main(argv=None):
     }
     print0(summary)
     if master:
-        write_json_atomic(out_dir / EVAL_FILE, val)
+        atomic_write(out_dir / EVAL_FILE, json.dumps(val, indent=2) + "\n")
         logger.text(f"final test evaluation: {json.dumps(val)}")
     get_report().log(stage="rm", section="Reward model", data=[flags_dict(cfg), summary, eval_markdown(val)])
     logger.close()

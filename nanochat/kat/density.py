@@ -35,11 +35,12 @@ The method:
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from nanochat.common import atomic_write
 
 EMBEDDINGS_FILE = "prompt_embeddings.npy"
 EMBEDDING_IDS_FILE = "prompt_embeddings_ids.txt"
@@ -70,11 +71,8 @@ def save_embeddings(data_dir: Path, ids: list[str], embeddings) -> tuple[Path, P
                          f"{len(ids)} ids ({len(set(ids))} unique) for {len(x)} rows")
     data_dir.mkdir(parents=True, exist_ok=True)
     npy, txt = data_dir / EMBEDDINGS_FILE, data_dir / EMBEDDING_IDS_FILE
-    with open(npy.with_name(npy.name + ".tmp"), "wb") as f:
-        np.save(f, x)
-    txt.with_name(txt.name + ".tmp").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
-    os.replace(npy.with_name(npy.name + ".tmp"), npy)
-    os.replace(txt.with_name(txt.name + ".tmp"), txt)
+    atomic_write(npy, lambda f: np.save(f, x))
+    atomic_write(txt, "".join(f"{i}\n" for i in ids))
     return npy, txt
 
 
@@ -213,9 +211,7 @@ def save_prompt_weights(data_dir: Path, ids, splits, log_density, knn_mean_sim, 
              "knn_mean_sim": float(m)} for i, s, w, ld, m in zip(ids, splits, weights, log_density, knn_mean_sim))
     for name, text in ((WEIGHTS_FILE, "".join(json.dumps(r) + "\n" for r in rows)),
                        (WEIGHTS_META_FILE, json.dumps(meta, indent=2) + "\n")):
-        tmp = data_dir / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, data_dir / name)
+        atomic_write(data_dir / name, text)
 
 
 def load_prompt_weights(data_dir: Path, split: str | None = None) -> list[dict]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nanochat.common import atomic_write
+
 from nanochat.kat import stats as ps
 from nanochat.kat.diversity import TIC_PATTERNS
 from nanochat.kat.diversity_eval import HYPOTHESIS, METRIC_BY_NAME, METRICS, REFERENCE, model_means, verdict_basis
@@ -663,7 +665,5 @@ def write_report(results: dict, context: dict, report_path: Path) -> dict[str, P
                         "metrics": {m.name: {"label": m.label, "direction": m.direction, "kind": m.kind,
                                              "primary": m.primary, "definition": m.definition} for m in METRICS}})
     for path, text in ((report_path, markdown), (json_path, json.dumps(payload, indent=1, allow_nan=False) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        atomic_write(path, text)
     return {"report": report_path, "json": json_path, **{name: out_dir / file for name, file in plots.items()}}

@@ -19,7 +19,6 @@ linear, so distances within the top-3 subspace survive unchanged.
 """
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanochat.common import get_kat_cache_dir
+from nanochat.common import atomic_write, get_kat_cache_dir
 from nanochat.kat.density import EMBEDDINGS_FILE, WEIGHTS_FILE, load_embeddings, load_prompt_weights
 from nanochat.flags import opt, parse_flags
 from nanochat.kat.pairs import PROMPTS_FILE, first_user_message, load_prompts
@@ -176,10 +175,7 @@ def build_map(data_dir: Path, method: str = "auto", seed: int | None = 0) -> Pat
                 "explained_variance": None if explained is None else [float(v) for v in explained],
                 "points": points}
     out = data_dir / MAP_FILE
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
 
 
 @dataclass

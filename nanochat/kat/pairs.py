@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from nanochat.common import atomic_write
 from nanochat.kat.html_text import html_to_text
 
 SOURCES = ("hh-rlhf", "ultrafeedback", "stack-exchange")
@@ -510,9 +511,7 @@ def write_stats_section(path: Path, name: str, body: str):
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     sections = re.split(r"(?m)^(?==== .+ ===$)", text)
     kept = [s for s in sections if s.strip() and not s.startswith(f"=== {name} ===")]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(s.rstrip() + "\n" for s in kept + [stats_section(name, body)]), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "\n".join(s.rstrip() + "\n" for s in kept + [stats_section(name, body)]))
 
 
 # -----------------------------------------------------------------------------

@@ -184,31 +184,21 @@ class RewardModel(nn.Module):
 
 def load_reward_model(stage_or_path="rm", device="cpu") -> RewardModel:
     """A trained RM from outs/<stage>/ or a checkpoint path: frozen, in eval mode, with its tokenizer."""
-    from nanochat.checkpoint_manager import find_stage_checkpoint, load_checkpoint
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.tokenizer import get_tokenizer
+    from nanochat.checkpoint_manager import build_model, find_stage_checkpoint, load_checkpoint, tokenizer_for
 
-    device = torch.device(device)
     path = find_stage_checkpoint(stage_or_path)
     ckpt = load_checkpoint(path, device)
     meta = ckpt["meta"]
     if meta.get("kind") != KIND:
         raise ValueError(f"{path} is not a reward model checkpoint (meta kind {meta.get('kind')!r}); "
                          "train one with python -m scripts.train_rm")
-    config = GPTConfig(**meta["backbone_config"])
-    with torch.device("meta"):
-        backbone = GPT(config)
-    backbone.to_empty(device=device)
-    backbone.init_weights()  # rebuilds the rotary buffers, which checkpoints do not hold
-    tokenizer = get_tokenizer()
-    if tokenizer.get_vocab_size() != config.vocab_size:
-        raise RuntimeError(f"{path} was trained with a {config.vocab_size}-token vocabulary but the tokenizer has "
-                           f"{tokenizer.get_vocab_size()}; point NANOCHAT_BASE_DIR at the run that made it")
+    backbone = build_model(meta["backbone_config"], device)
+    tokenizer = tokenizer_for(backbone.config.vocab_size, path)
     model = RewardModel(backbone, tokenizer, max_seq_len=meta["max_seq_len"])
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"weights in {path} do not fit a RewardModel over GPT({config}): {e}") from e
+        raise RuntimeError(f"weights in {path} do not fit a RewardModel over GPT({backbone.config}): {e}") from e
     model.eval()
     model.requires_grad_(False)
     return model
