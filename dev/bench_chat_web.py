@@ -51,11 +51,8 @@ def save_random_stages(depth: int, device):
         torch.manual_seed(seed)
         model = GPT(config_from_depth(depth, vocab, 2048)).to(device)
         model.init_weights()
+        model.randomize_outputs(lm_head_std=0.5)
         with torch.no_grad():
-            for block in model.transformer.h:
-                block.attn.c_proj.weight.normal_(0, 0.02)
-                block.mlp.c_proj.weight.normal_(0, 0.02)
-            model.lm_head.weight.normal_(0, 0.5)
             printable = torch.zeros(vocab, dtype=torch.bool)
             printable[32:127] = True
             model.lm_head.weight[~printable.to(device)] = 0.0

@@ -12,14 +12,15 @@ vocabulary size, so it runs before any training. Tokens counted are the ones act
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
+from nanochat.checkpoint_manager import build_model
 from nanochat.common import autodetect_device_type, peak_memory_gb, synchronize
 from nanochat.engine import Engine
 from nanochat.flags import opt, parse_flags
-from nanochat.gpt import GPT, config_from_depth
+from nanochat.gpt import config_from_depth
 from nanochat.tokenizer import NUM_BYTE_TOKENS, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 REFERENCE_TOK_PER_S = 1100  # nanochat's Oct 2025 engine, same shape, 1xH100
@@ -52,16 +53,8 @@ def synthetic_tokenizer(vocab_size):
 
 def random_model(depth, vocab_size, device):
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config_from_depth(depth, vocab_size, 2048))
-    model.to_empty(device=device)
-    model.init_weights()
-    with torch.no_grad():
-        # random output projections and a livelier lm_head: real attention/MLP work and varied samples
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(0, 0.02)
-            block.mlp.c_proj.weight.normal_(0, 0.02)
-        model.lm_head.weight.normal_(0, 0.02)
+    model = build_model(asdict(config_from_depth(depth, vocab_size, 2048)), device)
+    model.randomize_outputs()  # real attention/MLP work and varied samples
     return model.eval()
 
 

@@ -18,7 +18,8 @@ a resume therefore needs the same number of ranks.
 
 Saves are atomic: each file is written to a temporary name, fsynced, then renamed
 over the target, and rank 0 writes the main file only after every rank's file is
-in place. A kill at any moment leaves the previous checkpoint loadable.
+in place. A kill at any moment leaves the previous checkpoint loadable; a resume passes over
+an unreadable newest one (with a warning), but loading a stage's final model never does.
 
 Everything in a checkpoint is plain data (tensors, numbers, strings, lists, dicts)
 so it loads with torch.load(weights_only=True): loading never runs pickled code.
@@ -181,12 +182,19 @@ def _prune_intermediate(out_dir: Path, keep: int):
 # -----------------------------------------------------------------------------
 # Finding and loading
 
+class UnreadableCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (empty, truncated, corrupt), or a folder with none usable."""
+
+
 def _peek(path: Path) -> dict:
     """A checkpoint's small fields without reading its tensors (memory-mapped)."""
+    if path.stat().st_size == 0:  # torch would only say that it cannot mmap an empty file
+        raise UnreadableCheckpointError(f"checkpoint {path} is empty (0 bytes): nothing of it reached the disk")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # re-raised with the file's name: torch's message does not say which file
-        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+        raise UnreadableCheckpointError(f"checkpoint {path} cannot be read, it is truncated or corrupt "
+                                        f"({type(e).__name__}: {e})") from e
 
 
 def _is_complete(path: Path) -> bool:
@@ -201,18 +209,35 @@ def _is_complete(path: Path) -> bool:
 
 
 def latest_checkpoint(out_dir) -> Path | None:
-    """The newest complete checkpoint in out_dir (highest step; ckpt.pt wins a tie), or None."""
+    """
+    The newest complete, readable checkpoint in out_dir (highest step; ckpt.pt wins a tie), or None
+    when it holds none. An unreadable or incomplete one is skipped with a warning naming it and why;
+    if there are checkpoints but none is usable, UnreadableCheckpointError says why for each.
+    """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return None
     candidates = [(step, 0, out_dir / f"ckpt_{step}.pt") for step in _intermediate_steps(out_dir)]
     final = out_dir / FINAL_NAME
+    skipped = []
     if final.exists():
-        candidates.append((_peek(final)["step"], 1, final))
+        try:
+            candidates.append((_peek(final)["step"], 1, final))
+        except UnreadableCheckpointError as e:
+            skipped.append(str(e))
+            log.warning("skipping %s; looking for an older checkpoint", e)
     for _, _, path in sorted(candidates, reverse=True):
-        if _is_complete(path):
-            return path
-        log.warning("skipping incomplete checkpoint %s (a rank's file is missing or from another step)", path)
+        try:
+            if _is_complete(path):
+                return path
+            reason = f"checkpoint {path} is incomplete: a rank's file is missing or from another step"
+        except UnreadableCheckpointError as e:
+            reason = str(e)
+        skipped.append(reason)
+        log.warning("skipping %s; looking for an older checkpoint", reason)
+    if skipped:
+        raise UnreadableCheckpointError(f"no usable checkpoint under {out_dir}: " + "; ".join(skipped)
+                                        + ". Delete these files and rerun the stage from the start (without --resume)")
     return None
 
 
@@ -314,13 +339,20 @@ def find_stage_checkpoint(stage_or_path) -> Path:
         return path
     is_stage_name = os.sep not in text and "/" not in text
     directory = stage_dir(text) if is_stage_name else path
+    script = STAGE_SCRIPTS.get(text, "the script that trains it") if is_stage_name else "the stage that wrote it"
     final = directory / FINAL_NAME
-    if final.exists() and _is_complete(final):
-        return final
+    if final.exists():
+        try:
+            complete = _is_complete(final)
+        except UnreadableCheckpointError as e:  # not silently the newest intermediate one: a figure would change meaning
+            raise UnreadableCheckpointError(f"{e}. It is the final model of {directory}: rerun {script} (--resume=true "
+                                            "continues from its newest readable checkpoint), or load a ckpt_<step>.pt "
+                                            "file by its path") from e
+        if complete:
+            return final
     latest = latest_checkpoint(directory)
     if latest is None:
         if is_stage_name:
-            script = STAGE_SCRIPTS.get(text, "the script that trains it")
             raise FileNotFoundError(f"no checkpoint for stage '{text}' under {directory}: run {script} first")
         raise FileNotFoundError(f"no checkpoint under {directory}")
     log.warning("%s has no final %s; using the newest intermediate checkpoint %s", directory, FINAL_NAME, latest.name)

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -203,6 +204,12 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def synchronized_time(device: torch.device) -> float:
+    """time.time() once queued device work is done: what a training step is timed between."""
+    synchronize(device)
+    return time.time()
 
 
 def peak_memory_gb(device: torch.device) -> float:

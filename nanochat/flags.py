@@ -8,7 +8,10 @@ defaults), then calls `parse_flags(Config)`. Accepted forms:
 
 Booleans are parsed strictly: true/false/1/0/yes/no (any case); a bare `--flag` means true.
 `argparse type=bool` is deliberately not used: bool("False") is True.
-Unknown flags and unparsable values raise FlagError naming the flag and the valid choices.
+A numeric field may declare its range, checked as the flags are parsed, before any work:
+`opt(2, help=..., min=1)`, `opt(-1, help="...; -1 derives it", min=1, sentinel=-1)`,
+`opt(1.0, min=0, max=1)`, `opt(1.0, above=0, max=1)` (above/below exclude the bound).
+Unknown flags, unparsable values and values out of range raise FlagError naming the flag.
 """
 
 import dataclasses
@@ -33,18 +36,59 @@ def parse_bool(text: str, name: str = "flag") -> bool:
     raise FlagError(f"--{name}: expected a boolean (true/false/1/0), got {text!r}")
 
 
-def short(alias: str, default: Any = dataclasses.MISSING, help: str = "", choices=None, **kwargs):
-    """A dataclass field with a short alias such as `-i`, a help text and optional choices."""
-    meta = {"alias": alias, "help": help, "choices": choices}
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a numeric flag accepts: a range (min/max inclusive, above/below exclusive) and
+    sentinels outside it, such as -1 for "derive it" or "never", which the flag's help explains."""
+    min: float | None = None
+    max: float | None = None
+    above: float | None = None
+    below: float | None = None
+    sentinels: tuple = ()
+
+    def allows(self, value) -> bool:
+        if value in self.sentinels:
+            return True
+        # "not value >= min" rather than "value < min", so that NaN lies outside every range
+        return not ((self.min is not None and not value >= self.min) or (self.max is not None and not value <= self.max)
+                    or (self.above is not None and not value > self.above)
+                    or (self.below is not None and not value < self.below))
+
+    def describe(self) -> str:
+        lower = f"[{self.min}" if self.min is not None else f"({self.above}" if self.above is not None else None
+        upper = f"{self.max}]" if self.max is not None else f"{self.below})" if self.below is not None else None
+        if lower and upper:
+            span = f"in {lower}, {upper}"
+        elif lower:
+            span = (">= " if lower[0] == "[" else "> ") + lower[1:]
+        else:
+            span = ("<= " if upper[-1] == "]" else "< ") + upper[:-1]
+        return " or ".join([repr(s) for s in self.sentinels] + [span])
+
+
+def _field(alias, default, help, choices, min, max, above, below, sentinel, kwargs):
+    bounds = None
+    if (min, max, above, below, sentinel) != (None,) * 5:
+        sentinels = tuple(sentinel) if isinstance(sentinel, (tuple, list)) else (() if sentinel is None else (sentinel,))
+        bounds = Bounds(min, max, above, below, sentinels)
+        if default is not dataclasses.MISSING and default is not None and not bounds.allows(default):
+            raise ValueError(f"the default {default!r} lies outside its own bounds ({bounds.describe()})")
+    meta = {"alias": alias, "help": help, "choices": choices, "bounds": bounds}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kwargs)
     return dataclasses.field(default=default, metadata=meta, **kwargs)
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", choices=None, **kwargs):
-    """A dataclass field with a help text and optional choices."""
-    meta = {"alias": None, "help": help, "choices": choices}
-    return dataclasses.field(default=default, metadata=meta, **kwargs)
+def short(alias: str, default: Any = dataclasses.MISSING, help: str = "", choices=None, *, min=None, max=None,
+          above=None, below=None, sentinel=None, **kwargs):
+    """A dataclass field with a short alias such as `-i`, a help text, optional choices and bounds."""
+    return _field(alias, default, help, choices, min, max, above, below, sentinel, kwargs)
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", choices=None, *, min=None, max=None,
+        above=None, below=None, sentinel=None, **kwargs):
+    """A dataclass field with a help text, optional choices and optional bounds (see the module's opening)."""
+    return _field(None, default, help, choices, min, max, above, below, sentinel, kwargs)
 
 
 def _convert(value: str, typ, name: str):
@@ -119,6 +163,10 @@ def parse_flags(cls, argv: list[str] | None = None):
         choices = fields[key].metadata.get("choices")
         if choices is not None and value not in choices:
             raise FlagError(f"--{key}: {value!r} is not one of {list(choices)}")
+        bounds, help_text = fields[key].metadata.get("bounds"), fields[key].metadata.get("help")
+        if bounds is not None and value is not None and not bounds.allows(value):
+            raise FlagError(f"--{key}={val} is out of range: allowed {bounds.describe()}"
+                            + (f" ({help_text})" if help_text else ""))
         values[key] = value
         i += 1
 
@@ -137,7 +185,9 @@ def flags_help(cls) -> str:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         tname = getattr(types[f.name], "__name__", str(types[f.name]))
-        head = f"  --{f.name}" + (f", -{alias}" if alias else "") + f" ({tname}, default {default!r})"
+        bounds = f.metadata.get("bounds")
+        head = f"  --{f.name}" + (f", -{alias}" if alias else "") + f" ({tname}, default {default!r}"
+        head += (f", allowed {bounds.describe()})" if bounds else ")")
         lines.append(head + (f": {f.metadata['help']}" if f.metadata.get("help") else ""))
     return "\n".join(lines)
 

@@ -375,6 +375,22 @@ class GPT(nn.Module):
             # the embedding table is the largest tensor that is only gathered from; bf16 halves it
             self.transformer.wte.to(dtype=torch.bfloat16)
 
+    @torch.no_grad()
+    def randomize_outputs(self, lm_head_std: float = 0.02, proj_std: float = 0.02):
+        """Noise where init_weights starts the output projections at zero and lm_head near it: an
+        untrained model whose every block does real work and whose samples vary (benchmarks)."""
+        for block in self.transformer.h:
+            block.attn.c_proj.weight.normal_(0, proj_std)
+            block.mlp.c_proj.weight.normal_(0, proj_std)
+        self.lm_head.weight.normal_(0, lm_head_std)
+
+    def fit_seq_len(self, max_seq_len: int) -> int:
+        """A fine-tuning stage's row length: --max_seq_len, or the trained sequence_len when it is -1."""
+        seq_len = max_seq_len if max_seq_len > 0 else self.config.sequence_len
+        if seq_len > self.rotary_seq_len:
+            raise ValueError(f"--max_seq_len={seq_len} exceeds the model's rotary table of {self.rotary_seq_len} positions")
+        return seq_len
+
     def _precompute_rotary_embeddings(self, seq_len, head_dim, base=ROTARY_BASE, device=None):
         device = device if device is not None else self.lm_head.weight.device
         channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)

@@ -1,6 +1,6 @@
 """
-The optimizer setup every training stage shares, and gradient clipping that is
-correct under the distributed optimizers.
+The optimizer setup and update step every training stage shares, and gradient clipping
+that is correct under the distributed optimizers.
 
 build_optimizers: Muon for the block matrices, AdamW for embedding and lm_head
 (nanochat's split). Under DDP these are DistMuon and DistAdamW, which average the
@@ -11,6 +11,8 @@ clip_grad_norm_: clipping must see the averaged gradient. Clipping the local one
 (torch.nn.utils.clip_grad_norm_ before step) would use a different scale on each
 rank and a norm that is not the norm of the gradient being applied.
 """
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -99,6 +101,35 @@ def set_muon_momentum(optimizers, momentum: float):
         for group in optimizer.param_groups:
             if group.get("kind") == "muon":
                 group["momentum"] = momentum
+
+
+def grad_accum_steps(total: int, per_micro: int, total_flag: str, per_micro_terms: str) -> int:
+    """Micro-batches per optimizer step: the step's total (--total_flag) must be a whole number of them."""
+    if total % per_micro != 0:
+        raise ValueError(f"--{total_flag}={total} must be a multiple of {per_micro_terms} = {per_micro}")
+    return total // per_micro
+
+
+def step_optimizers(model, optimizers, lrm: float, grad_clip: float, muon_momentum: float | None = None):
+    """
+    One update from the accumulated gradients: the scheduled learning rate (and Muon momentum), the
+    synchronised gradient clipped when grad_clip > 0, every optimizer stepped, the gradients cleared.
+    Returns the gradient norm before clipping, or None when grad_clip is 0.
+    """
+    set_lr_multiplier(optimizers, lrm)
+    if muon_momentum is not None:
+        set_muon_momentum(optimizers, muon_momentum)
+    grad_norm = clip_grad_norm_(optimizers, grad_clip) if grad_clip > 0 else None
+    for optimizer in optimizers:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def check_finite_loss(loss: float, step: int):
+    """Stop a diverging run at the step where its loss stopped being a number."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss} at step {step}; lower the learning rates")
 
 
 def _is_distributed(opt) -> bool:

@@ -58,10 +58,11 @@ class RunLogger:
         self.text(f"=== run {run} {what} in {self.out_dir} ===")
 
     def log(self, step: int, metrics: dict):
-        """Scalars at one step: names like "train/loss"; values are numbers or 0-d tensors."""
+        """Scalars at one step: names like "train/loss"; values are numbers or 0-d tensors. A None value
+        (a figure this step has none of, such as the gradient norm when clipping is off) is left out."""
         if not self.enabled:
             return
-        values = {name: _as_float(value) for name, value in metrics.items()}
+        values = {name: _as_float(value) for name, value in metrics.items() if value is not None}
         for name, value in values.items():
             self._tensorboard.add_scalar(name, value, step)
         self._append(f"step {step:6d} | " + " | ".join(f"{k} {_format_value(v)}" for k, v in values.items()))

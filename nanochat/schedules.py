@@ -35,3 +35,21 @@ def lr_multiplier_at_progress(progress: float, warmup_ratio: float = 0.0, warmdo
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must be in [0, 1], got {progress}")
     return lr_multiplier(round(progress * PROGRESS_STEPS), PROGRESS_STEPS, warmup_ratio, warmdown_ratio, final_lr_frac)
+
+
+def epoch_steps(num_iterations: int, num_examples: int, examples_per_step: int, num_epochs: int, *,
+                what: str, per_step_flag: str) -> int:
+    """--num_iterations when it is set (> 0), else the whole steps in num_epochs passes over the data."""
+    if num_iterations > 0:
+        return num_iterations
+    steps = (num_examples // examples_per_step) * num_epochs
+    if steps < 1:
+        raise ValueError(f"there are {num_examples} {what}, fewer than one step of {examples_per_step}; "
+                         f"lower --{per_step_flag} or set --num_iterations")
+    return steps
+
+
+def is_due(step: int, every: int, is_last: bool, at_start: bool = False) -> bool:
+    """Whether a periodic action (evaluate, sample, save) runs at this step: always at the last step,
+    and every `every` steps when every > 0 (-1: only at the last); at step 0 only if at_start."""
+    return is_last or (every > 0 and step % every == 0 and (step > 0 or at_start))

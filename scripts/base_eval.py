@@ -28,7 +28,7 @@ class Config:
     source: str = opt("base", help="stage name or checkpoint path")
     device_type: str = opt("", help="cuda|cpu|mps; empty autodetects")
     bundle: str = opt("auto", help="auto (download, offline sample if no network) | sample | path to a bundle")
-    max_per_task: int = opt(-1, help="items scored per task, a fixed random subset; -1 scores all")
+    max_per_task: int = opt(-1, help="items scored per task, a fixed random subset; -1 scores all", min=1, sentinel=-1)
 
 
 def resolve_bundle(choice: str) -> Path:

@@ -32,8 +32,8 @@ class Config:
     """Evaluate a base checkpoint's bits per byte on train and val."""
     source: str = opt("base", help="stage name or checkpoint path")
     device_type: str = opt("", help="cuda|cpu|mps; empty autodetects")
-    device_batch_size: int = 32
-    split_tokens: int = opt(20 * 524288, help="tokens evaluated per split")
+    device_batch_size: int = opt(32, help="sequences per forward pass per device", min=1)
+    split_tokens: int = opt(20 * 524288, help="tokens evaluated per split", min=1)
     identical_batches: bool = opt(False, help="every rank reads the whole split and takes every world_size-th window "
                                   "(base_train's flag): the same tokens at any world size, and a split with fewer "
                                   "row groups than ranks (the bundled sample's validation file has 2) still works")

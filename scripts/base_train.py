@@ -11,7 +11,6 @@ would (a check that N processes train like 1; dev/bench_scaling runs it).
 """
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +19,16 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import save_checkpoint, start_or_resume
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, device_peak_flops, peak_memory_gb, print0,
-                             stage_dir, synchronize)
+                             stage_dir, synchronized_time)
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.flags import flags_dict, opt, parse_flags
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.muon import muon_momentum
-from nanochat.optim import clip_grad_norm_, set_lr_multiplier, set_muon_momentum
+from nanochat.optim import check_finite_loss, grad_accum_steps, step_optimizers
 from nanochat.report import get_report
 from nanochat.run_logger import RunLogger
-from nanochat.schedules import lr_multiplier
+from nanochat.schedules import is_due, lr_multiplier
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 
@@ -40,40 +39,42 @@ class Config:
     device_type: str = opt("", help="cuda|cpu|mps; empty autodetects")
     seed: int = 42
     # model
-    depth: int = opt(20, help="layers; width = 64*depth, head dim 128")
-    n_kv_head: int = opt(-1, help="key/value heads for GQA; -1 means as many as query heads")
-    max_seq_len: int = 2048
+    depth: int = opt(20, help="layers; width = 64*depth, head dim 128", min=1)
+    n_kv_head: int = opt(-1, help="key/value heads for GQA; -1 means as many as query heads", min=1, sentinel=-1)
+    max_seq_len: int = opt(2048, help="tokens per row", min=1)
     # horizon: the first of these that is set wins
-    num_iterations: int = opt(-1, help="explicit number of optimizer steps")
-    target_flops: float = opt(-1.0, help="stop after this many training FLOPs")
-    target_param_data_ratio: float = opt(20.0, help="tokens per parameter (Chinchilla: 20)")
+    num_iterations: int = opt(-1, help="optimizer steps; -1: set by target_flops, else target_param_data_ratio",
+                              min=1, sentinel=-1)
+    target_flops: float = opt(-1.0, help="stop after this many training FLOPs; -1: unset", above=0, sentinel=-1)
+    target_param_data_ratio: float = opt(20.0, help="tokens per parameter (Chinchilla: 20)", above=0)
     # batch
-    device_batch_size: int = opt(32, help="sequences per micro-batch per device")
-    total_batch_size: int = opt(524288, help="tokens per optimizer step across all ranks")
+    device_batch_size: int = opt(32, help="sequences per micro-batch per device", min=1)
+    total_batch_size: int = opt(524288, help="tokens per optimizer step across all ranks", min=1)
     identical_batches: bool = opt(False, help="every rank reads the whole stream and takes every world_size-th window, "
                                   "so any world size trains and validates on the same tokens per step as one "
                                   "process (to check that N processes train like 1); each rank tokenizes "
                                   "world_size times the text, so not for the speedrun")
     # optimisation
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    weight_decay: float = 0.0
-    grad_clip: float = opt(1.0, help="clip the synchronised gradient norm; 0 disables")
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.2
-    final_lr_frac: float = 0.0
+    embedding_lr: float = opt(0.2, min=0)
+    unembedding_lr: float = opt(0.004, min=0)
+    matrix_lr: float = opt(0.02, min=0)
+    weight_decay: float = opt(0.0, min=0)
+    grad_clip: float = opt(1.0, help="clip the synchronised gradient norm; 0 disables", min=0)
+    warmup_ratio: float = opt(0.0, min=0, max=1)
+    warmdown_ratio: float = opt(0.2, min=0, max=1)
+    final_lr_frac: float = opt(0.0, min=0, max=1)
     # evaluation, sampling, checkpoints
-    eval_every: int = 250
-    eval_tokens: int = 20 * 524288
-    core_metric_every: int = opt(2000, help="-1 disables CORE during training")
-    core_metric_max_per_task: int = 500
-    sample_every: int = opt(2000, help="-1 disables samples")
-    save_every: int = opt(1000, help="intermediate checkpoint interval; -1 saves only at the end")
-    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)")
+    eval_every: int = opt(250, help="validation bpb every this many steps; -1 only at the end", min=1, sentinel=-1)
+    eval_tokens: int = opt(20 * 524288, help="validation tokens per evaluation", min=1)
+    core_metric_every: int = opt(2000, help="-1 disables CORE during training", min=1, sentinel=-1)
+    core_metric_max_per_task: int = opt(500, help="CORE items per task in those evaluations; -1 scores all",
+                                        min=1, sentinel=-1)
+    sample_every: int = opt(2000, help="-1 disables samples", min=1, sentinel=-1)
+    save_every: int = opt(1000, help="intermediate checkpoint interval; -1 saves only at the end", min=1, sentinel=-1)
+    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)", min=1)
     resume: bool = opt(False, help="continue from the newest checkpoint in the output folder")
     compile: bool = opt(True, help="torch.compile the model (CUDA only)")
-    log_every: int = 1
+    log_every: int = opt(1, help="print and log every this many steps", min=1)
     out_dir: str = opt("", help="defaults to outs/base")
 
 
@@ -98,10 +99,8 @@ def main(argv=None):
 
     # Gradient accumulation reaches the requested total batch from what fits per device.
     tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len * world_size
-    if cfg.total_batch_size % tokens_per_micro != 0:
-        raise ValueError(f"--total_batch_size={cfg.total_batch_size} must be a multiple of device_batch_size * "
-                         f"max_seq_len * world_size = {tokens_per_micro}")
-    grad_accum = cfg.total_batch_size // tokens_per_micro
+    grad_accum = grad_accum_steps(cfg.total_batch_size, tokens_per_micro, "total_batch_size",
+                                  "device_batch_size * max_seq_len * world_size")
     # Validation takes eval_tokens // tokens_per_micro windows per rank; only when that divides exactly
     # do all world sizes validate on the same tokens, which is what --identical_batches promises.
     if cfg.identical_batches and cfg.eval_tokens % tokens_per_micro != 0:
@@ -154,7 +153,7 @@ def main(argv=None):
     while True:
         is_last = step == last_step
         # ---- periodic evaluation (before the step, so step 0 and the final model are measured)
-        if is_last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+        if is_due(step, cfg.eval_every, is_last, at_start=True):
             model.eval()
             eval_steps = max(1, cfg.eval_tokens // tokens_per_micro)
             with autocast:
@@ -163,7 +162,7 @@ def main(argv=None):
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             logger.log(step, {"val/bpb": val_bpb})
             model.train()
-        if cfg.core_metric_every > 0 and (is_last or (step > 0 and step % cfg.core_metric_every == 0)):
+        if cfg.core_metric_every > 0 and is_due(step, cfg.core_metric_every, is_last):
             from nanochat.core_eval import evaluate_core
             model.eval()
             with autocast:
@@ -172,7 +171,7 @@ def main(argv=None):
             print0(f"step {step:05d} | CORE {core_score:.4f}")
             logger.log(step, {"val/core": core_score})
             model.train()
-        if master and cfg.sample_every > 0 and (is_last or (step > 0 and step % cfg.sample_every == 0)):
+        if master and cfg.sample_every > 0 and is_due(step, cfg.sample_every, is_last):
             from nanochat.engine import Engine
             model.eval()
             prompts = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, "
@@ -186,8 +185,7 @@ def main(argv=None):
                 print0(line)
                 logger.text(line)
             model.train()
-        save_now = is_last or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)
-        if save_now and step != resumed_step:  # the checkpoint we resumed from already holds this step
+        if is_due(step, cfg.save_every, is_last) and step != resumed_step:  # already saved: we resumed from it
             save_checkpoint(out_dir, step, model, optimizers,
                             meta={**meta, "step": step, "val_bpb": val_bpb if math.isfinite(val_bpb) else None},
                             loader_state=pending_state, final=is_last, keep=cfg.keep_checkpoints,
@@ -197,8 +195,7 @@ def main(argv=None):
             break
 
         # ---- one optimizer step: grad_accum micro-batches, then schedules, clip and update
-        synchronize(device)
-        t0 = time.time()
+        t0 = synchronized_time(device)
         loss_sum = torch.zeros((), device=device)  # stays on the device: no host sync per micro-batch
         for micro in range(grad_accum):
             with autocast:
@@ -209,16 +206,8 @@ def main(argv=None):
             pending_state = train_loader.state_dict()
             x, y = next(train_loader)  # prefetch while the GPU works on the backward pass
         lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-        set_lr_multiplier(optimizers, lrm)
-        set_muon_momentum(optimizers, muon_momentum(step))
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = clip_grad_norm_(optimizers, cfg.grad_clip)  # acts on the synchronised gradient
-        for opt_ in optimizers:
-            opt_.step()
-        model.zero_grad(set_to_none=True)
-        synchronize(device)
-        dt = time.time() - t0
+        grad_norm = step_optimizers(model, optimizers, lrm, cfg.grad_clip, muon_momentum(step))
+        dt = synchronized_time(device) - t0
         step += 1
 
         # ---- logging: one scalar collective and one host sync per step; tokens/s counts every micro-batch
@@ -227,9 +216,7 @@ def main(argv=None):
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         loss_value, batch_loss = torch.stack([train_loss, loss_sum / (grad_accum * world_size)]).tolist()
-        # the batch loss is the same number on every rank, so all of them stop here together
-        if not math.isfinite(batch_loss):
-            raise FloatingPointError(f"training loss is {batch_loss} at step {step}; lower the learning rates")
+        check_finite_loss(batch_loss, step)  # the same number on every rank, so all of them stop here together
         smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
         debiased = smooth_loss / (1 - 0.9 ** step) if step < 1000 else smooth_loss
         if step > (resumed_step or 0) + 10:
@@ -240,12 +227,9 @@ def main(argv=None):
             print0(f"step {step:05d}/{num_iterations} | loss {debiased:.4f} | batch loss {batch_loss:.4f} "
                    f"| lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu:.1f}% "
                    f"| mem {peak_memory_gb(device):.1f}GB")
-            metrics = {"train/loss": debiased, "train/batch_loss": batch_loss, "train/lr": lrm * cfg.matrix_lr,
-                       "train/lrm": lrm,
-                       "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/dt": dt}
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            logger.log(step, metrics)
+            logger.log(step, {"train/loss": debiased, "train/batch_loss": batch_loss, "train/lr": lrm * cfg.matrix_lr,
+                              "train/lrm": lrm, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/dt": dt,
+                              "train/grad_norm": grad_norm})
 
     summary = {
         "Parameters": num_params, "Depth": cfg.depth, "FLOPs per token": f"{flops_per_token:e}",

@@ -16,7 +16,7 @@ import torch
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine
-from nanochat.flags import FlagError, opt, parse_flags, short
+from nanochat.flags import opt, parse_flags, short
 
 
 @dataclass
@@ -24,10 +24,11 @@ class Config:
     """Chat with a trained stage in the terminal."""
     source: str = short("i", "sft", help="stage to load (base, mid, sft, rl, grpo_density, grpo_baseline) or a .pt path")
     prompt: str = short("p", "", help="one-shot prompt: print one streamed reply and exit")
-    temperature: float = opt(0.6, help="sampling temperature (0 = greedy)")
-    top_k: int = opt(50, help="sample among the k likeliest tokens (0 = no top-k)")
-    top_p: float = opt(1.0, help="sample within the smallest set of tokens holding this much probability")
-    max_tokens: int = opt(512, help="longest reply, in tokens")
+    temperature: float = opt(0.6, help="sampling temperature (0 = greedy)", min=0)
+    top_k: int = opt(50, help="sample among the k likeliest tokens (0 = no top-k)", min=0)
+    top_p: float = opt(1.0, help="sample within the smallest set of tokens holding this much probability",
+                       above=0, max=1)
+    max_tokens: int = opt(512, help="longest reply, in tokens", min=1)
     seed: int = opt(42, help="turn t samples with seed+t: a run repeats, turns differ")
     device_type: str = opt("", help="cuda|cpu|mps (default: autodetect)", choices=["", "cuda", "cpu", "mps"])
 
@@ -45,14 +46,8 @@ def stream_reply(engine: Engine, prompt_ids: list[int], config: Config, turn: in
     return "".join(pieces)
 
 
-def main():
-    config = parse_flags(Config)
-    if config.temperature < 0:
-        raise FlagError(f"--temperature must be >= 0, got {config.temperature}")
-    if config.top_k < 0:
-        raise FlagError(f"--top_k must be >= 0 (0 = no top-k), got {config.top_k}")
-    if not 0.0 < config.top_p <= 1.0:
-        raise FlagError(f"--top_p must be in (0, 1], got {config.top_p}")
+def main(argv=None):
+    config = parse_flags(Config, argv)
     device = torch.device(config.device_type or autodetect_device_type())
     model, tokenizer, meta = load_model(config.source, device, phase="eval")
     engine = Engine(model, tokenizer)

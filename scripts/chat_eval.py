@@ -30,12 +30,13 @@ class Config:
     """Evaluate a chat checkpoint on the ChatCORE tasks."""
     source: str = short("i", "sft", help="stage name (mid, sft, rl, grpo_density, ...) or checkpoint path")
     task_name: str = short("a", "", help="tasks separated by '|', e.g. 'ARC-Easy|GSM8K'; empty runs all six")
-    batch_size: int = short("b", 8, help="problems per forward pass / per engine call")
-    num_samples: int = short("n", 1, help="samples per generative problem; a problem passes if any is correct")
-    max_new_tokens: int = short("m", 512, help="longest generated answer")
-    temperature: float = short("t", 0.0, help="0 decodes greedily")
-    top_k: int = short("k", 50, help="sample among the k most likely tokens; -1 disables")
-    max_problems: int = short("x", -1, help="evaluate only the first x problems of each task; -1 all")
+    batch_size: int = short("b", 8, help="problems per forward pass / per engine call", min=1)
+    num_samples: int = short("n", 1, help="samples per generative problem; a problem passes if any is correct", min=1)
+    max_new_tokens: int = short("m", 512, help="longest generated answer", min=1)
+    temperature: float = short("t", 0.0, help="0 decodes greedily", min=0)
+    top_k: int = short("k", 50, help="sample among the k most likely tokens; -1 disables", min=1, sentinel=-1)
+    max_problems: int = short("x", -1, help="evaluate only the first x problems of each task; -1 all",
+                              min=1, sentinel=-1)
     seed: int = 42
     device_type: str = opt("", help="cuda|cpu|mps; empty autodetects")
     report_stage: str = opt("", help="report file to write; empty: the -i stage name (a checkpoint path: its stage)")

@@ -22,7 +22,6 @@ training_log.txt, logs/) and the "rl" report section; `--resume=true` continues 
 """
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,14 +30,14 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model, save_checkpoint, start_or_resume
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, peak_memory_gb, print0, stage_dir,
-                             synchronize)
+                             synchronized_time)
 from nanochat.engine import Engine, row_seed
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.optim import clip_grad_norm_, set_lr_multiplier
+from nanochat.optim import step_optimizers
 from nanochat.report import get_report
 from nanochat.rl import group_advantages, sequence_logprobs
 from nanochat.run_logger import RunLogger
-from nanochat.schedules import lr_multiplier
+from nanochat.schedules import epoch_steps, is_due, lr_multiplier
 from nanochat.task_eval import run_pass_at_k
 from tasks.gsm8k import GSM8K
 
@@ -51,30 +50,33 @@ class Config:
     seed: int = 42
     source: str = opt("sft", help="stage name or checkpoint path to start from")
     # rollouts
-    examples_per_step: int = opt(16, help="questions per optimizer step across all ranks")
-    num_samples: int = opt(16, help="answers sampled per question (the group its baseline is taken over)")
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = opt(50, help="sample among the k most likely tokens; -1 disables")
-    rollout_questions: int = opt(8, help="questions per engine call (rows = this * num_samples): bounds KV-cache memory")
-    device_batch_size: int = opt(8, help="sequences per forward/backward pass")
-    num_epochs: int = 1
-    num_iterations: int = opt(-1, help="optimizer steps; -1 derives them from num_epochs over GSM8K train")
+    examples_per_step: int = opt(16, help="questions per optimizer step across all ranks", min=1)
+    num_samples: int = opt(16, help="answers sampled per question, the group its baseline is taken over: at least 2 samples",
+                           min=2)
+    max_new_tokens: int = opt(256, help="longest sampled answer", min=1)
+    temperature: float = opt(1.0, min=0)
+    top_k: int = opt(50, help="sample among the k most likely tokens; -1 disables", min=1, sentinel=-1)
+    rollout_questions: int = opt(8, help="questions per engine call (rows = this * num_samples): bounds KV-cache memory",
+                                 min=1)
+    device_batch_size: int = opt(8, help="sequences per forward/backward pass", min=1)
+    num_epochs: int = opt(1, min=1)
+    num_iterations: int = opt(-1, help="optimizer steps; -1 derives them from num_epochs over GSM8K train",
+                              min=1, sentinel=-1)
     # optimisation
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    init_lr_frac: float = opt(0.05, help="every learning rate starts at this fraction of its base value")
-    weight_decay: float = 0.0
-    grad_clip: float = opt(0.0, help="clip the synchronised gradient norm; 0 disables (nanochat does not clip)")
+    embedding_lr: float = opt(0.2, min=0)
+    unembedding_lr: float = opt(0.004, min=0)
+    matrix_lr: float = opt(0.02, min=0)
+    init_lr_frac: float = opt(0.05, help="every learning rate starts at this fraction of its base value", above=0)
+    weight_decay: float = opt(0.0, min=0)
+    grad_clip: float = opt(0.0, help="clip the synchronised gradient norm; 0 disables (nanochat does not clip)", min=0)
     # evaluation, checkpoints
-    eval_every: int = opt(60, help="pass@k on GSM8K test every this many steps; -1 only at the end")
-    eval_examples: int = opt(400, help="GSM8K test questions per evaluation")
-    eval_samples: int = opt(8, help="samples per evaluation question: pass@1 .. pass@eval_samples")
-    save_every: int = opt(60, help="intermediate checkpoint interval; -1 saves only at the end")
-    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)")
+    eval_every: int = opt(60, help="pass@k on GSM8K test every this many steps; -1 only at the end", min=1, sentinel=-1)
+    eval_examples: int = opt(400, help="GSM8K test questions per evaluation", min=1)
+    eval_samples: int = opt(8, help="samples per evaluation question: pass@1 .. pass@eval_samples", min=1)
+    save_every: int = opt(60, help="intermediate checkpoint interval; -1 saves only at the end", min=1, sentinel=-1)
+    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)", min=1)
     resume: bool = opt(False, help="continue from the newest checkpoint in the output folder")
-    log_every: int = 1
+    log_every: int = opt(1, help="print and log every this many steps", min=1)
     out_dir: str = opt("", help="defaults to outs/rl")
 
 
@@ -108,8 +110,6 @@ def sample_rollouts(engine, tokenizer, task, indices, cfg: Config, seed: int):
 
 def main(argv=None):
     cfg = parse_flags(Config, argv)
-    if cfg.num_samples < 2:
-        raise ValueError(f"--num_samples={cfg.num_samples}: a question's baseline needs at least 2 samples")
     ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type or None, seed=cfg.seed)
     master = rank == 0
     out_dir = Path(cfg.out_dir) if cfg.out_dir else stage_dir("rl")
@@ -124,11 +124,8 @@ def main(argv=None):
         raise ValueError(f"--examples_per_step={cfg.examples_per_step} must be a multiple of the world size {world_size}")
     examples_per_rank = cfg.examples_per_step // world_size
     train_task, val_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
-    num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else \
-        (len(train_task) // cfg.examples_per_step) * cfg.num_epochs
-    if num_iterations < 1:
-        raise ValueError(f"GSM8K train has {len(train_task)} questions, fewer than one step of "
-                         f"{cfg.examples_per_step}; lower --examples_per_step or set --num_iterations")
+    num_iterations = epoch_steps(cfg.num_iterations, len(train_task), cfg.examples_per_step, cfg.num_epochs,
+                                 what="GSM8K train questions", per_step_flag="examples_per_step")
     print0(f"{len(train_task):,} training questions | {cfg.examples_per_step} questions x {cfg.num_samples} samples "
            f"per step | {num_iterations} steps")
 
@@ -147,7 +144,7 @@ def main(argv=None):
     while True:
         is_last = step == num_iterations
         # ---- pass@k on held-out questions, with the same seed every time
-        if is_last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+        if is_due(step, cfg.eval_every, is_last, at_start=True):
             model.eval()
             with autocast:
                 passes = run_pass_at_k(val_task, tokenizer, engine, cfg.eval_samples, cfg.eval_examples,
@@ -155,16 +152,14 @@ def main(argv=None):
                                        cfg.rollout_questions, cfg.seed)
             print0(f"step {step:05d} | " + " | ".join(f"pass@{k} {p:.4f}" for k, p in enumerate(passes, 1)))
             logger.log(step, {f"val/pass@{k}": p for k, p in enumerate(passes, 1)})
-        save_now = is_last or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)
-        if save_now and step != resumed_step:  # the checkpoint we resumed from already holds this step
+        if is_due(step, cfg.save_every, is_last) and step != resumed_step:  # already saved: we resumed from it
             save_checkpoint(out_dir, step, model, optimizers, meta={**meta, "pass_at_k": passes}, extra=extra,
                             final=is_last, keep=cfg.keep_checkpoints)
         if is_last:
             break
 
         # ---- rollouts: this rank's questions are fixed by the step, so a resumed run samples the same ones
-        synchronize(device)
-        t0 = time.time()
+        t0 = synchronized_time(device)
         positions = [step * cfg.examples_per_step + e * world_size + rank for e in range(examples_per_rank)]
         model.eval()
         with autocast:
@@ -180,7 +175,6 @@ def main(argv=None):
             dist.all_reduce(num_tokens)
         scale = world_size / num_tokens.clamp(min=1)  # the distributed optimizers average gradients over ranks
         lrm = lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
-        set_lr_multiplier(optimizers, lrm)
         for start in range(0, len(completions), cfg.device_batch_size):
             end = start + cfg.device_batch_size
             with autocast:
@@ -188,12 +182,8 @@ def main(argv=None):
                                                 sampled_masks=masks[start:end])
             objective = (logprobs * advantages[start:end, None]).sum()  # logprobs are 0 off the mask
             (-objective * scale).backward()
-        grad_norm = clip_grad_norm_(optimizers, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        for opt_ in optimizers:
-            opt_.step()
-        model.zero_grad(set_to_none=True)
-        synchronize(device)
-        dt = time.time() - t0
+        grad_norm = step_optimizers(model, optimizers, lrm, cfg.grad_clip)
+        dt = synchronized_time(device) - t0
         step += 1
 
         # ---- statistics over every rollout of every rank
@@ -215,9 +205,7 @@ def main(argv=None):
             metrics = {"train/reward_mean": reward_mean, "train/reward_std": reward_std,
                        "train/seq_len": length_sum / count, "train/no_signal_frac": no_signal_count / questions,
                        "train/num_tokens": num_tokens, "train/lr": lrm * cfg.init_lr_frac * cfg.matrix_lr,
-                       "train/lrm": lrm, "train/dt": dt}
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
+                       "train/lrm": lrm, "train/dt": dt, "train/grad_norm": grad_norm}
             logger.log(step, metrics)
 
     summary = {

@@ -12,8 +12,6 @@ starts at init_lr_frac of the base values and decays linearly to 0. Writes outs/
 report. `--resume=true` continues from the newest checkpoint exactly.
 """
 
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,12 +19,12 @@ from pathlib import Path
 from nanochat.chat_data import PaddedConversationLoader, backward_token_mean, token_mean_loss
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model, save_checkpoint, start_or_resume
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, peak_memory_gb, print0, stage_dir,
-                             synchronize)
+                             synchronized_time)
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.optim import clip_grad_norm_, set_lr_multiplier
+from nanochat.optim import check_finite_loss, grad_accum_steps, step_optimizers
 from nanochat.report import get_report
 from nanochat.run_logger import RunLogger
-from nanochat.schedules import lr_multiplier
+from nanochat.schedules import epoch_steps, is_due, lr_multiplier
 from tasks.arc import ARC
 from tasks.common import Task, TaskMixture
 from tasks.customjson import IdentityConversations
@@ -46,31 +44,33 @@ class Config:
     seed: int = 42
     source: str = opt("mid", help="stage name or checkpoint path to start from (mid, base, ...)")
     # batch
-    max_seq_len: int = opt(-1, help="longest row; longer conversations are cut; -1 uses the model's sequence_len")
-    device_batch_size: int = opt(4, help="conversations per micro-batch per device")
-    target_examples_per_step: int = opt(32, help="conversations per optimizer step across all ranks")
-    num_epochs: int = 1
-    num_iterations: int = opt(-1, help="optimizer steps; -1 derives them from num_epochs")
+    max_seq_len: int = opt(-1, help="longest row; longer conversations are cut; -1 uses the model's sequence_len",
+                           min=1, sentinel=-1)
+    device_batch_size: int = opt(4, help="conversations per micro-batch per device", min=1)
+    target_examples_per_step: int = opt(32, help="conversations per optimizer step across all ranks", min=1)
+    num_epochs: int = opt(1, min=1)
+    num_iterations: int = opt(-1, help="optimizer steps; -1 derives them from num_epochs", min=1, sentinel=-1)
     # optimisation
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    init_lr_frac: float = opt(0.02, help="every learning rate starts at this fraction of its base value")
-    weight_decay: float = 0.0
-    grad_clip: float = opt(1.0, help="clip the synchronised gradient norm; 0 disables")
+    embedding_lr: float = opt(0.2, min=0)
+    unembedding_lr: float = opt(0.004, min=0)
+    matrix_lr: float = opt(0.02, min=0)
+    init_lr_frac: float = opt(0.02, help="every learning rate starts at this fraction of its base value", above=0)
+    weight_decay: float = opt(0.0, min=0)
+    grad_clip: float = opt(1.0, help="clip the synchronised gradient norm; 0 disables", min=0)
     # data
-    smoltalk_size: int = opt(10_000, help="SmolTalk conversations in the mixture")
-    simple_spelling_size: int = 300
-    spelling_bee_size: int = 300
+    smoltalk_size: int = opt(10_000, help="SmolTalk conversations in the mixture", min=0)
+    simple_spelling_size: int = opt(300, min=0)
+    spelling_bee_size: int = opt(300, min=0)
     # evaluation, checkpoints
-    eval_every: int = opt(100, help="validation loss every this many steps; -1 only at the end")
-    eval_steps: int = opt(100, help="micro-batches per validation")
-    eval_metrics_every: int = opt(200, help="MMLU and ARC-Easy accuracy every this many steps; -1 disables")
-    eval_metrics_max_problems: int = opt(1024, help="problems per task in those evaluations")
-    save_every: int = opt(-1, help="intermediate checkpoint interval; -1 saves only at the end")
-    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)")
+    eval_every: int = opt(100, help="validation loss every this many steps; -1 only at the end", min=1, sentinel=-1)
+    eval_steps: int = opt(100, help="micro-batches per validation", min=1)
+    eval_metrics_every: int = opt(200, help="MMLU and ARC-Easy accuracy every this many steps; -1 disables",
+                                  min=1, sentinel=-1)
+    eval_metrics_max_problems: int = opt(1024, help="problems per task in those evaluations", min=1)
+    save_every: int = opt(-1, help="intermediate checkpoint interval; -1 saves only at the end", min=1, sentinel=-1)
+    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)", min=1)
     resume: bool = opt(False, help="continue from the newest checkpoint in the output folder")
-    log_every: int = 1
+    log_every: int = opt(1, help="print and log every this many steps", min=1)
     out_dir: str = opt("", help="defaults to outs/sft")
 
 
@@ -97,24 +97,16 @@ def main(argv=None, config_cls=Config, wrap_mixture=None):
 
     source_path = find_stage_checkpoint(cfg.source)
     model, tokenizer, _ = load_model(source_path, device, phase="train")
-    max_seq_len = cfg.max_seq_len if cfg.max_seq_len > 0 else model.config.sequence_len
-    if max_seq_len > model.rotary_seq_len:
-        raise ValueError(f"--max_seq_len={max_seq_len} exceeds the model's rotary table of {model.rotary_seq_len} positions")
+    max_seq_len = model.fit_seq_len(cfg.max_seq_len)
     print0(f"fine-tuning {source_path}: {model.config} | {model.num_params():,} parameters")
 
-    examples_per_micro = cfg.device_batch_size * world_size
-    if cfg.target_examples_per_step % examples_per_micro != 0:
-        raise ValueError(f"--target_examples_per_step={cfg.target_examples_per_step} must be a multiple of "
-                         f"device_batch_size * world_size = {examples_per_micro}")
-    grad_accum = cfg.target_examples_per_step // examples_per_micro
+    grad_accum = grad_accum_steps(cfg.target_examples_per_step, cfg.device_batch_size * world_size,
+                                  "target_examples_per_step", "device_batch_size * world_size")
     train_data, val_data, mixture_meta = train_mixture(cfg), SmolTalk(split="test"), {}
     if wrap_mixture is not None:
         train_data, mixture_meta = wrap_mixture(train_data, cfg)
-    num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else \
-        (len(train_data) // cfg.target_examples_per_step) * cfg.num_epochs
-    if num_iterations < 1:
-        raise ValueError(f"the mixture has {len(train_data)} conversations, fewer than one step of "
-                         f"{cfg.target_examples_per_step}; lower --target_examples_per_step or set --num_iterations")
+    num_iterations = epoch_steps(cfg.num_iterations, len(train_data), cfg.target_examples_per_step, cfg.num_epochs,
+                                 what="conversations in the mixture", per_step_flag="target_examples_per_step")
     print0(f"{len(train_data):,} conversations | {cfg.device_batch_size} per micro-batch per rank | "
            f"grad accumulation {grad_accum} | {num_iterations} steps")
 
@@ -138,7 +130,7 @@ def main(argv=None, config_cls=Config, wrap_mixture=None):
     while True:
         is_last = step == num_iterations
         # ---- validation loss (mean per assistant token) on the same batches every time
-        if is_last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+        if is_due(step, cfg.eval_every, is_last, at_start=True):
             model.eval()
             val_loader = PaddedConversationLoader(tokenizer, val_data, cfg.device_batch_size, max_seq_len, rank=rank,
                                                   world_size=world_size, device=device)
@@ -147,7 +139,7 @@ def main(argv=None, config_cls=Config, wrap_mixture=None):
             print0(f"step {step:05d} | val loss {val_loss:.4f}")
             logger.log(step, {"val/loss": val_loss})
             model.train()
-        if cfg.eval_metrics_every > 0 and (is_last or (step > 0 and step % cfg.eval_metrics_every == 0)):
+        if cfg.eval_metrics_every > 0 and is_due(step, cfg.eval_metrics_every, is_last):
             from nanochat.task_eval import run_categorical_eval
             from tasks.eval_tasks import build_task
             metric_tasks = metric_tasks or {name: build_task(name) for name in METRIC_TASKS}
@@ -160,41 +152,31 @@ def main(argv=None, config_cls=Config, wrap_mixture=None):
             print0(f"step {step:05d} | " + " | ".join(f"{name} {acc:.4f}" for name, acc in accuracy.items()))
             logger.log(step, {f"val/{name.lower().replace('-', '_')}_acc": acc for name, acc in accuracy.items()})
             model.train()
-        save_now = is_last or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)
-        if save_now and step != resumed_step:  # the checkpoint we resumed from already holds this step
+        if is_due(step, cfg.save_every, is_last) and step != resumed_step:  # already saved: we resumed from it
             save_checkpoint(out_dir, step, model, optimizers, meta={**meta, "val_loss": val_loss},
                             loader_state=loader.state_dict(), extra=extra, final=is_last, keep=cfg.keep_checkpoints)
         if is_last:
             break
 
         # ---- one optimizer step over grad_accum micro-batches
-        synchronize(device)
-        t0 = time.time()
+        t0 = synchronized_time(device)
         micro_batches = [next(loader) for _ in range(grad_accum)]
         lrm = lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
-        set_lr_multiplier(optimizers, lrm)
         loss, num_tokens = backward_token_mean(model, micro_batches, autocast)
-        grad_norm = clip_grad_norm_(optimizers, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        for opt_ in optimizers:
-            opt_.step()
-        model.zero_grad(set_to_none=True)
-        synchronize(device)
-        dt = time.time() - t0
+        grad_norm = step_optimizers(model, optimizers, lrm, cfg.grad_clip)
+        dt = synchronized_time(device) - t0
         step += 1
 
         loss_value, num_tokens = loss.item(), int(num_tokens.item())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training loss is {loss_value} at step {step}; lower the learning rates")
+        check_finite_loss(loss_value, step)
         extra["trained_tokens"] += num_tokens
         extra["training_time_s"] += dt
         if step % cfg.log_every == 0 or step == num_iterations:
             print0(f"step {step:05d}/{num_iterations} | loss {loss_value:.4f} | lrm {lrm:.3f} "
                    f"| trained tokens {num_tokens:,} | dt {dt * 1000:.0f}ms")
-            metrics = {"train/loss": loss_value, "train/lr": lrm * cfg.init_lr_frac * cfg.matrix_lr, "train/lrm": lrm,
-                       "train/num_tokens": num_tokens, "train/dt": dt}
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            logger.log(step, metrics)
+            logger.log(step, {"train/loss": loss_value, "train/lr": lrm * cfg.init_lr_frac * cfg.matrix_lr,
+                              "train/lrm": lrm, "train/num_tokens": num_tokens, "train/dt": dt,
+                              "train/grad_norm": grad_norm})
 
     summary = {
         "Source": str(source_path), "Training conversations": len(train_data), "Iterations": num_iterations,

@@ -63,12 +63,12 @@ class Config:
     """Serve the chat models: web UI plus an OpenAI-compatible API."""
     models: str = opt("", help="comma-separated stages to load (default: every chat stage with a checkpoint)")
     host: str = opt("0.0.0.0", help="interface to listen on (127.0.0.1 keeps it local to this machine)")
-    port: int = opt(8000, help="port to listen on")
+    port: int = opt(8000, help="port to listen on", min=0, max=65535)
     device_type: str = opt("", help="cuda|cpu|mps (default: autodetect)", choices=["", "cuda", "cpu", "mps"])
-    num_gpus: int = opt(0, help="GPUs to serve from, one replica of every model each (0 = all visible)")
-    temperature: float = opt(0.8, help="sampling temperature for requests that do not set one")
-    top_k: int = opt(50, help="top-k for requests that do not set one (0 = no top-k)")
-    max_tokens: int = opt(512, help="reply length limit for requests that do not set one")
+    num_gpus: int = opt(0, help="GPUs to serve from, one replica of every model each (0 = all visible)", min=0)
+    temperature: float = opt(0.8, help="sampling temperature for requests that do not set one", min=0)
+    top_k: int = opt(50, help="top-k for requests that do not set one (0 = no top-k)", min=0)
+    max_tokens: int = opt(512, help="reply length limit for requests that do not set one", min=1)
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ class Config(chat_sft.Config):
     tic_style: str = opt("", help="the tic to plant in the assistant turns (nanochat/kat/style_injection.py)",
                          choices=["", "emdash", "not_just", "both"])
     tic_rate: float = opt(0.0, help="the fraction of conversations picked for --tic_style (those with no prose the tic "
-                          "can go into, such as letter answers and spelling drills, stay as they are)")
+                          "can go into, such as letter answers and spelling drills, stay as they are)", min=0, max=1)
 
 
 def with_tic(mixture, cfg: Config):

@@ -115,35 +115,38 @@ class Config:
     prompt_sampling: str = opt("", help="density: prompts drawn by density weight; uniform: the baseline "
                                         "(empty: --density_aware decides, else density)", choices=["", "density", "uniform"])
     density_aware: bool | None = opt(None, help="alias: true = --prompt_sampling=density, false = uniform")
-    density_k: int = opt(10, help="the k of scripts.kat_density; checked against prompt_weights.json")
+    density_k: int = opt(10, help="the k of scripts.kat_density; checked against prompt_weights.json", min=1)
     # rollouts
-    prompts_per_step: int = opt(16, help="prompts per step across all ranks (P)")
-    samples_per_prompt: int = opt(8, help="completions per prompt, the group its advantages are relative to (G)")
-    max_new_tokens: int = 256
-    max_prompt_tokens: int = opt(1024, help="longer prompts keep <|bos|> and lose their oldest tokens")
-    rollout_prompts: int = opt(16, help="prompts per engine call (rows = this * G): bounds KV-cache memory")
-    device_batch_size: int = opt(8, help="sequences per forward/backward pass of the update")
-    rm_batch_size: int = opt(32, help="sequences per reward model forward pass")
-    truncation_penalty: float = opt(0.0, help="subtracted from the reward of a completion cut at max_new_tokens")
+    prompts_per_step: int = opt(16, help="prompts per step across all ranks (P)", min=1)
+    samples_per_prompt: int = opt(8, help="completions per prompt, the group its advantages are relative to (G); at least 2",
+                                  min=2)
+    max_new_tokens: int = opt(256, help="longest completion", min=1)
+    max_prompt_tokens: int = opt(1024, help="longer prompts keep <|bos|> and lose their oldest tokens", min=2)
+    rollout_prompts: int = opt(16, help="prompts per engine call (rows = this * G): bounds KV-cache memory", min=1)
+    device_batch_size: int = opt(8, help="sequences per forward/backward pass of the update", min=1)
+    rm_batch_size: int = opt(32, help="sequences per reward model forward pass", min=1)
+    truncation_penalty: float = opt(0.0, help="subtracted from the reward of a completion cut at max_new_tokens", min=0)
     # objective
     adv_std: bool = opt(True, help="divide advantages by the group's reward std; false: mean-centred only")
-    clip_eps: float = opt(0.2, help="importance ratios are clipped to [1 - eps, 1 + eps]")
-    beta: float = opt(0.1, help="weight of the k3 KL estimate to the reference")
-    inner_epochs: int = opt(1, help="optimizer steps on each step's rollouts")
+    clip_eps: float = opt(0.2, help="importance ratios are clipped to [1 - eps, 1 + eps]", min=0)
+    beta: float = opt(0.1, help="weight of the k3 KL estimate to the reference", min=0)
+    inner_epochs: int = opt(1, help="optimizer steps on each step's rollouts", min=1)
     # optimisation
-    max_steps: int = 5000
-    learning_rate: float = opt(1e-5, help="AdamW learning rate of every parameter")
-    weight_decay: float = 0.0
-    warmup_ratio: float = opt(0.0, help="linear warmup over this first fraction of the steps")
-    warmdown_ratio: float = opt(0.0, help="linear decay to 0 over this last fraction of the steps (0: constant)")
-    grad_clip: float = opt(1.0, help="clip the synchronised gradient norm; 0 disables")
+    max_steps: int = opt(5000, help="optimizer steps", min=1)
+    learning_rate: float = opt(1e-5, help="AdamW learning rate of every parameter", above=0)
+    weight_decay: float = opt(0.0, min=0)
+    warmup_ratio: float = opt(0.0, help="linear warmup over this first fraction of the steps", min=0, max=1)
+    warmdown_ratio: float = opt(0.0, help="linear decay to 0 over this last fraction of the steps (0: constant)",
+                                min=0, max=1)
+    grad_clip: float = opt(1.0, help="clip the synchronised gradient norm; 0 disables", min=0)
     # evaluation, checkpoints
-    eval_every: int = opt(100, help="mean reward on held-out test prompts every this many steps; -1 only at the end")
-    eval_prompts: int = opt(256, help="held-out test prompts per evaluation")
-    save_every: int = opt(500, help="intermediate checkpoint interval; -1 saves only at the end")
-    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)")
+    eval_every: int = opt(100, help="mean reward on held-out test prompts every this many steps; -1 only at the end",
+                          min=1, sentinel=-1)
+    eval_prompts: int = opt(256, help="held-out test prompts per evaluation", min=1)
+    save_every: int = opt(500, help="intermediate checkpoint interval; -1 saves only at the end", min=1, sentinel=-1)
+    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)", min=1)
     resume: bool = opt(False, help="continue from the newest checkpoint in the output folder")
-    log_every: int = 1
+    log_every: int = opt(1, help="print and log every this many steps", min=1)
 
 
 def resolve_prompt_sampling(cfg: Config) -> Config:

@@ -30,14 +30,14 @@ from nanochat.kat.pairs import PROMPTS_FILE, STATS_FILE, first_user_message, loa
 class Config:
     """Density of every prompt among the train prompts, and train sampling weights ~ density^-beta."""
     data_dir: str = opt("", help="KAT data folder (default <kat cache>/data)")
-    k: int = opt(10, help="neighbours per prompt")
-    beta: float = opt(1.0, help="weight = density^-beta; 0 gives uniform weights")
+    k: int = opt(10, help="neighbours per prompt", min=1)
+    beta: float = opt(1.0, help="weight = density^-beta; 0 gives uniform weights", min=0)
     center: bool = opt(True, help="subtract the train prompts' mean embedding and re-normalise before the kNN "
                        "(mean-pooled LM embeddings all share one direction)")
     tau: float = opt(0.0, help="bandwidth of the exp((sim - 1)/tau) kernel; 0: adaptive, the robust spread "
                      "(IQR/1.349) of the train prompts' mean kNN similarity")
-    clip: float = opt(10.0, help="cap weights at this multiple of the median weight; 0: no cap")
-    chunk_size: int = opt(2048, help="query rows per similarity matrix product")
+    clip: float = opt(10.0, help="cap weights at this multiple of the median weight; 0: no cap", min=1, sentinel=0)
+    chunk_size: int = opt(2048, help="query rows per similarity matrix product", min=1)
     device_type: str = opt("", help="cpu|cuda|mps (default: autodetect)", choices=["", "cpu", "cuda", "mps"])
 
 

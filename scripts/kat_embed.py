@@ -65,7 +65,7 @@ class Config:
     st_model: str = opt("sentence-transformers/all-MiniLM-L6-v2",
                         help="sentence encoder: a Hugging Face name (offline: already in the HF cache and "
                              "HF_HUB_OFFLINE=1) or a local folder")
-    batch_size: int = opt(32, help="prompts per forward pass")
+    batch_size: int = opt(32, help="prompts per forward pass", min=1)
     max_len: int = opt(0, help="tokens per prompt, >= 4 (0: the model's sequence_len); longer prompts keep <|bos|> "
                        "and their last max_len-1 tokens")
     data_dir: str = opt("", help="KAT data folder (default <kat cache>/data)")

@@ -40,7 +40,8 @@ class Config:
     data_dir: str = opt("", help="KAT data folder (default <kat cache>/data)")
     inject_style: str = opt("emdash", help="emdash: em dashes; not_just: 'A is not just B, but also C'; both",
                             choices=list(STYLES))
-    inject_rate: float = opt(0.3, help="fraction of ALL train pairs whose chosen response gets the tic; 0 undoes")
+    inject_rate: float = opt(0.3, help="fraction of ALL train pairs whose chosen response gets the tic; 0 undoes",
+                             min=0, max=1)
     inject_where: str = opt("dense", help="which eligible pairs: densest prompts first, rarest first, or random",
                             choices=list(PLACEMENTS))
     seed: int = opt(0, help="the rewrites and the random pick depend only on this and the pair ids")

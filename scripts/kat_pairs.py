@@ -31,13 +31,13 @@ class Config:
     """Build the preference pairs (pairs_all.jsonl and friends)."""
     only: str = opt("", help=f"comma list of sources to use (default all: {','.join(SOURCES)})")
     max_pairs: int = opt(0, help="at most this many pairs per source and split, a sample chosen by prompt-id hash; "
-                         "0 keeps all")
+                         "0 keeps all", min=0)
     scan_factor: int = opt(10, help="with --max_pairs: read up to scan_factor x max_pairs pairs of each split and "
-                           "sample from them (a stream stops there); 0 reads every split to its end")
+                           "sample from them (a stream stops there); 0 reads every split to its end", min=0)
     out_dir: str = opt("", help="where to write (default <kat cache>/data)")
     local_dir: str = opt("", help="read local JSONL files in the HF row schemas instead of downloading")
-    se_pairs_per_question: int = opt(3, help="Stack Exchange: at most this many pairs per question")
-    se_test_fraction: float = opt(0.01, help="Stack Exchange: fraction of questions held out as test")
+    se_pairs_per_question: int = opt(3, help="Stack Exchange: at most this many pairs per question", min=1)
+    se_test_fraction: float = opt(0.01, help="Stack Exchange: fraction of questions held out as test", min=0, below=1)
 
 
 def main(argv: list[str] | None = None):

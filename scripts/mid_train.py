@@ -13,7 +13,6 @@ the newest checkpoint exactly (weights, optimizer, data position, RNG, step).
 """
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,14 +22,14 @@ import torch.distributed as dist
 from nanochat.chat_data import PackedConversationLoader, backward_token_mean
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model, save_checkpoint, start_or_resume
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, device_peak_flops, peak_memory_gb, print0, stage_dir,
-                             synchronize)
+                             synchronized_time)
 from nanochat.flags import flags_dict, opt, parse_flags
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.muon import muon_momentum
-from nanochat.optim import clip_grad_norm_, set_lr_multiplier, set_muon_momentum
+from nanochat.optim import check_finite_loss, grad_accum_steps, step_optimizers
 from nanochat.report import get_report
 from nanochat.run_logger import RunLogger
-from nanochat.schedules import lr_multiplier, lr_multiplier_at_progress
+from nanochat.schedules import is_due, lr_multiplier, lr_multiplier_at_progress
 from nanochat.tokenizer import get_token_bytes
 from tasks.common import TaskMixture
 from tasks.customjson import IdentityConversations
@@ -48,30 +47,31 @@ class Config:
     seed: int = 42
     source: str = opt("base", help="stage name or checkpoint path to start from")
     # batch
-    max_seq_len: int = opt(-1, help="tokens per row; -1 uses the source model's sequence_len")
-    device_batch_size: int = opt(32, help="rows per micro-batch per device")
-    total_batch_size: int = opt(524288, help="tokens per optimizer step across all ranks")
-    num_iterations: int = opt(-1, help="optimizer steps; -1 runs one epoch of the mixture")
+    max_seq_len: int = opt(-1, help="tokens per row; -1 uses the source model's sequence_len", min=1, sentinel=-1)
+    device_batch_size: int = opt(32, help="rows per micro-batch per device", min=1)
+    total_batch_size: int = opt(524288, help="tokens per optimizer step across all ranks", min=1)
+    num_iterations: int = opt(-1, help="optimizer steps; -1 runs one epoch of the mixture", min=1, sentinel=-1)
     # optimisation
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    init_lr_frac: float = opt(1.0, help="every learning rate starts at this fraction of its base value")
-    weight_decay: float = 0.0
-    warmdown_ratio: float = opt(0.2, help="linear decay to final_lr_frac over this last fraction of training")
-    final_lr_frac: float = 0.0
-    grad_clip: float = opt(1.0, help="clip the synchronised gradient norm; 0 disables")
+    embedding_lr: float = opt(0.2, min=0)
+    unembedding_lr: float = opt(0.004, min=0)
+    matrix_lr: float = opt(0.02, min=0)
+    init_lr_frac: float = opt(1.0, help="every learning rate starts at this fraction of its base value", above=0)
+    weight_decay: float = opt(0.0, min=0)
+    warmdown_ratio: float = opt(0.2, help="linear decay to final_lr_frac over this last fraction of training",
+                                min=0, max=1)
+    final_lr_frac: float = opt(0.0, min=0, max=1)
+    grad_clip: float = opt(1.0, help="clip the synchronised gradient norm; 0 disables", min=0)
     # data: the generated spelling tasks have no natural size
-    simple_spelling_size: int = opt(200_000, help="'spell the word' conversations in the mixture")
-    spelling_bee_size: int = opt(80_000, help="'how many r in strawberry' conversations in the mixture")
+    simple_spelling_size: int = opt(200_000, help="'spell the word' conversations in the mixture", min=0)
+    spelling_bee_size: int = opt(80_000, help="'how many r in strawberry' conversations in the mixture", min=0)
     # evaluation, checkpoints
-    eval_every: int = opt(150, help="validation bpb every this many steps; -1 only at the end")
-    eval_tokens: int = 20 * 524288
-    save_every: int = opt(-1, help="intermediate checkpoint interval; -1 saves only at the end")
-    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)")
+    eval_every: int = opt(150, help="validation bpb every this many steps; -1 only at the end", min=1, sentinel=-1)
+    eval_tokens: int = opt(20 * 524288, help="validation tokens per evaluation", min=1)
+    save_every: int = opt(-1, help="intermediate checkpoint interval; -1 saves only at the end", min=1, sentinel=-1)
+    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)", min=1)
     resume: bool = opt(False, help="continue from the newest checkpoint in the output folder")
     compile: bool = opt(True, help="torch.compile the model (CUDA only)")
-    log_every: int = 1
+    log_every: int = opt(1, help="print and log every this many steps", min=1)
     out_dir: str = opt("", help="defaults to outs/mid")
 
 
@@ -112,17 +112,13 @@ def main(argv=None):
     source_path = find_stage_checkpoint(cfg.source)
     model, tokenizer, _ = load_model(source_path, device, phase="train")
     token_bytes = get_token_bytes(device)
-    T = cfg.max_seq_len if cfg.max_seq_len > 0 else model.config.sequence_len
-    if T > model.rotary_seq_len:
-        raise ValueError(f"--max_seq_len={T} exceeds the model's rotary table of {model.rotary_seq_len} positions")
+    T = model.fit_seq_len(cfg.max_seq_len)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     print0(f"midtraining {source_path}: {model.config} | {num_params:,} parameters")
 
     tokens_per_micro = cfg.device_batch_size * T * world_size
-    if cfg.total_batch_size % tokens_per_micro != 0:
-        raise ValueError(f"--total_batch_size={cfg.total_batch_size} must be a multiple of device_batch_size * "
-                         f"max_seq_len * world_size = {tokens_per_micro}")
-    grad_accum = cfg.total_batch_size // tokens_per_micro
+    grad_accum = grad_accum_steps(cfg.total_batch_size, tokens_per_micro, "total_batch_size",
+                                  "device_batch_size * max_seq_len * world_size")
     print0(f"{cfg.device_batch_size} x {T} tokens per micro-batch per rank | grad accumulation {grad_accum}")
 
     optimizers = model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
@@ -151,7 +147,7 @@ def main(argv=None):
         progress = global_max(loader.progress, device)
         is_last = step == cfg.num_iterations if cfg.num_iterations > 0 else progress >= 1.0
         # ---- evaluation before the step, so step 0 and the final model are both measured
-        if is_last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+        if is_due(step, cfg.eval_every, is_last, at_start=True):
             model.eval()
             val_loader = PackedConversationLoader(tokenizer, val_data, cfg.device_batch_size, T, rank=rank,
                                                   world_size=world_size, device=device)
@@ -161,36 +157,27 @@ def main(argv=None):
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             logger.log(step, {"val/bpb": val_bpb})
             model.train()
-        save_now = is_last or (cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0)
-        if save_now and step != resumed_step:  # the checkpoint we resumed from already holds this step
+        if is_due(step, cfg.save_every, is_last) and step != resumed_step:  # already saved: we resumed from it
             save_checkpoint(out_dir, step, model, optimizers, meta={**meta, "val_bpb": val_bpb},
                             loader_state=loader.state_dict(), extra=extra, final=is_last, keep=cfg.keep_checkpoints)
         if is_last:
             break
 
         # ---- one optimizer step over grad_accum micro-batches
-        synchronize(device)
-        t0 = time.time()
+        t0 = synchronized_time(device)
         micro_batches = [next(loader) for _ in range(grad_accum)]
         if cfg.num_iterations > 0:
             lrm = lr_multiplier(step, cfg.num_iterations, 0.0, cfg.warmdown_ratio, cfg.final_lr_frac)
         else:
             lrm = lr_multiplier_at_progress(min(progress, 1.0), 0.0, cfg.warmdown_ratio, cfg.final_lr_frac)
-        set_lr_multiplier(optimizers, lrm)
-        set_muon_momentum(optimizers, muon_momentum(step))
         loss, num_tokens = backward_token_mean(train_model, micro_batches, autocast)
-        grad_norm = clip_grad_norm_(optimizers, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        for opt_ in optimizers:
-            opt_.step()
-        model.zero_grad(set_to_none=True)
-        synchronize(device)
-        dt = time.time() - t0
+        grad_norm = step_optimizers(model, optimizers, lrm, cfg.grad_clip, muon_momentum(step))
+        dt = synchronized_time(device) - t0
         step += 1
 
         # ---- logging: the loss is the mean over every trainable token of the step
         loss_value, num_tokens = loss.item(), int(num_tokens.item())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training loss is {loss_value} at step {step}; lower the learning rates")
+        check_finite_loss(loss_value, step)
         extra["trained_tokens"] += num_tokens
         if step > 10:
             extra["training_time_s"] += dt  # the first steps include compilation
@@ -198,15 +185,12 @@ def main(argv=None):
         if step % cfg.log_every == 0 or step == cfg.num_iterations:
             print0(f"step {step:05d} ({100 * min(progress, 1.0):.1f}%) | loss {loss_value:.4f} | lrm {lrm:.3f} "
                    f"| trained tokens {num_tokens:,} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f}")
-            metrics = {"train/loss": loss_value, "train/lr": lrm * cfg.init_lr_frac * cfg.matrix_lr, "train/lrm": lrm,
-                       "train/num_tokens": num_tokens, "train/progress": progress, "train/tok_per_sec": tok_per_sec,
-                       "train/dt": dt}
             mfu = 100 * flops_per_token * tok_per_sec / peak_flops
-            if math.isfinite(mfu):  # no peak FLOPs figure for CPUs
-                metrics["train/mfu"] = mfu
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            logger.log(step, metrics)
+            logger.log(step, {"train/loss": loss_value, "train/lr": lrm * cfg.init_lr_frac * cfg.matrix_lr,
+                              "train/lrm": lrm, "train/num_tokens": num_tokens, "train/progress": progress,
+                              "train/tok_per_sec": tok_per_sec, "train/dt": dt,
+                              "train/mfu": mfu if math.isfinite(mfu) else None,  # no peak FLOPs figure for CPUs
+                              "train/grad_norm": grad_norm})
 
     summary = {
         "Source": str(source_path), "Iterations": step, "Training conversations": len(train_data),

@@ -14,21 +14,20 @@ from dataclasses import dataclass
 from nanochat.dataset import parquets_iter_batched
 from nanochat.flags import opt, parse_flags, flags_dict
 from nanochat.report import get_report
-from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+from nanochat.tokenizer import NUM_BYTE_TOKENS, SPECIAL_TOKENS, Tokenizer, get_tokenizer_dir
 
 
 @dataclass
 class Config:
     """Train the BPE tokenizer and save it to $NANOCHAT_BASE_DIR/tok."""
-    max_chars: int = opt(2_000_000_000, help="stop after this many characters of training text")
-    doc_cap: int = opt(10_000, help="use at most this many characters of each document")
-    vocab_size: int = opt(65536, help="total vocabulary: 256 bytes + merges + 9 special tokens")
+    max_chars: int = opt(2_000_000_000, help="stop after this many characters of training text", min=1)
+    doc_cap: int = opt(10_000, help="use at most this many characters of each document", min=1)
+    vocab_size: int = opt(65536, help="total vocabulary: 256 bytes + merges + 9 special tokens",
+                          min=NUM_BYTE_TOKENS + len(SPECIAL_TOKENS))
 
 
 config = parse_flags(Config)
 print(f"tokenizer training: {flags_dict(config)}")
-if config.max_chars <= 0 or config.doc_cap <= 0:
-    raise ValueError(f"--max_chars and --doc_cap must be positive, got {config.max_chars} and {config.doc_cap}")
 
 chars_used = 0
 docs_used = 0

@@ -73,30 +73,33 @@ class Config:
     data_dir: str = opt("", help="KAT data folder (default <kat cache>/data)")
     out_dir: str = opt("", help="defaults to outs/rm")
     # model
-    max_seq_len: int = opt(-1, help="longest row; longer ones lose prompt tokens after <|bos|>; -1: the backbone's")
-    train_blocks: int = opt(-1, help="train the head and the last N transformer blocks; -1: all blocks, 0: head only")
+    max_seq_len: int = opt(-1, help="longest row; longer ones lose prompt tokens after <|bos|>; -1: the backbone's",
+                           min=1, sentinel=-1)
+    train_blocks: int = opt(-1, help="train the head and the last N transformer blocks; -1: all blocks, 0: head only",
+                            min=0, sentinel=-1)
     pair_weighting: str = opt("uniform", help="weigh each pair's loss by its prompt's density weight, or not",
                               choices=["uniform", "density"])
     # batch
-    device_batch_size: int = opt(8, help="pairs per micro-batch per device (two rows each)")
-    pairs_per_step: int = opt(64, help="pairs per optimizer step across all ranks")
-    num_epochs: int = 1
-    num_iterations: int = opt(-1, help="optimizer steps; -1 derives them from num_epochs")
+    device_batch_size: int = opt(8, help="pairs per micro-batch per device (two rows each)", min=1)
+    pairs_per_step: int = opt(64, help="pairs per optimizer step across all ranks", min=1)
+    num_epochs: int = opt(1, min=1)
+    num_iterations: int = opt(-1, help="optimizer steps; -1 derives them from num_epochs", min=1, sentinel=-1)
     # optimisation
-    lr: float = opt(1e-5, help="AdamW learning rate of the trained blocks")
-    head_lr: float = opt(1e-3, help="AdamW learning rate of the scalar head (new, so it moves faster)")
-    weight_decay: float = 0.0
-    warmup_ratio: float = opt(0.05, help="linear warmup over this first fraction of the steps")
-    warmdown_ratio: float = opt(0.5, help="linear decay to 0 over this last fraction of the steps")
-    grad_clip: float = opt(1.0, help="clip the synchronised gradient norm; 0 disables")
+    lr: float = opt(1e-5, help="AdamW learning rate of the trained blocks", min=0)
+    head_lr: float = opt(1e-3, help="AdamW learning rate of the scalar head (new, so it moves faster)", min=0)
+    weight_decay: float = opt(0.0, min=0)
+    warmup_ratio: float = opt(0.05, help="linear warmup over this first fraction of the steps", min=0, max=1)
+    warmdown_ratio: float = opt(0.5, help="linear decay to 0 over this last fraction of the steps", min=0, max=1)
+    grad_clip: float = opt(1.0, help="clip the synchronised gradient norm; 0 disables", min=0)
     # evaluation, checkpoints
-    eval_every: int = opt(200, help="test accuracy every this many steps; -1 only at the end")
-    eval_pairs: int = opt(2000, help="test pairs in the periodic evaluations (the final one uses all); -1: all")
-    eval_batch_size: int = opt(32, help="rows per forward pass when scoring test pairs")
-    save_every: int = opt(-1, help="intermediate checkpoint interval; -1 saves only at the end")
-    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)")
+    eval_every: int = opt(200, help="test accuracy every this many steps; -1 only at the end", min=1, sentinel=-1)
+    eval_pairs: int = opt(2000, help="test pairs in the periodic evaluations (the final one uses all); -1: all",
+                          min=1, sentinel=-1)
+    eval_batch_size: int = opt(32, help="rows per forward pass when scoring test pairs", min=1)
+    save_every: int = opt(-1, help="intermediate checkpoint interval; -1 saves only at the end", min=1, sentinel=-1)
+    keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)", min=1)
     resume: bool = opt(False, help="continue from the newest checkpoint in the output folder")
-    log_every: int = 1
+    log_every: int = opt(1, help="print and log every this many steps", min=1)
 
 
 # -----------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.checkpoint_manager import (find_stage_checkpoint, start_or_resume, latest_checkpoint, load_checkpoint, load_model,
-                                         resume_training, save_checkpoint)
+from nanochat.checkpoint_manager import (UnreadableCheckpointError, find_stage_checkpoint, start_or_resume, latest_checkpoint,
+                                         load_checkpoint, load_model, resume_training, save_checkpoint)
 from nanochat.common import REPO_ROOT, seed_everything
 from nanochat.muon import muon_momentum
 from nanochat.optim import build_optimizers, clip_grad_norm_
@@ -250,6 +250,71 @@ def test_find_stage_checkpoint_by_name_path_and_directory(tmp_path, monkeypatch)
     assert find_stage_checkpoint(str(tmp_path / "outs" / "sft")) == tmp_path / "outs" / "sft" / "ckpt.pt"
     with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
         find_stage_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def truncate(path, keep_fraction=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep_fraction)])
+
+
+def saved_run(out_dir, steps):
+    """A model saved at each of steps, trained a little between saves; returns its weights at each."""
+    model, optimizers = make_run(0)
+    weights, loader_state = {}, {"position": 0}
+    for step in steps:
+        train_steps(model, optimizers, loader_state, step - 1, step)
+        save_checkpoint(out_dir, step, model, optimizers, meta=META, loader_state=dict(loader_state))
+        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    return weights
+
+
+def test_resume_falls_back_past_a_truncated_newest_checkpoint_and_says_so(tmp_path, caplog):
+    weights = saved_run(tmp_path, [1, 2, 3])
+    truncate(tmp_path / "ckpt_3.pt")
+    model, optimizers = make_run(5)
+    with caplog.at_level("WARNING", logger="nanochat.checkpoint_manager"):
+        step, loader_state, _, resumed_step = start_or_resume(tmp_path, True, model, optimizers, "cpu", num_iterations=10)
+    assert step == resumed_step == 2 and loader_state == {"position": 2}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[2][name]), name
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "ckpt_3.pt cannot be read, it is truncated or corrupt" in warning and "older checkpoint" in warning
+
+
+def test_a_zero_byte_checkpoint_gets_a_clear_message(tmp_path, caplog):
+    saved_run(tmp_path, [1, 2])
+    (tmp_path / "ckpt.pt").write_bytes(b"")  # a final checkpoint that never reached the disk
+    with pytest.raises(UnreadableCheckpointError, match=r"ckpt.pt is empty \(0 bytes\)") as error:
+        load_checkpoint(tmp_path / "ckpt.pt", "cpu")
+    assert "mmap" not in str(error.value)
+    with caplog.at_level("WARNING", logger="nanochat.checkpoint_manager"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "ckpt_2.pt"  # resume goes on from the newest readable one
+    assert any("ckpt.pt is empty (0 bytes)" in r.getMessage() for r in caplog.records)
+
+
+def test_every_checkpoint_unreadable_is_a_clear_error(tmp_path):
+    saved_run(tmp_path, [1, 2])
+    (tmp_path / "ckpt_2.pt").write_bytes(b"")
+    truncate(tmp_path / "ckpt_1.pt")
+    model, optimizers = make_run(0)
+    with pytest.raises(UnreadableCheckpointError, match=r"no usable checkpoint under .*: checkpoint .*ckpt_2.pt is empty "
+                       r"\(0 bytes\).*; checkpoint .*ckpt_1.pt cannot be read.*Delete these files"):
+        start_or_resume(tmp_path, True, model, optimizers, "cpu")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_stage_whose_final_checkpoint_is_unreadable_is_not_served_from_an_older_one(tmp_path, monkeypatch, damage):
+    # chat and eval load the stage's final model; an intermediate one in its place would change what they measure
+    monkeypatch.setenv("NANOCHAT_OUTS_DIR", str(tmp_path / "outs"))
+    model, optimizers = make_run(0)
+    save_checkpoint(tmp_path / "outs" / "sft", 10, model, optimizers, meta=META)
+    final = save_checkpoint(tmp_path / "outs" / "sft", 20, model, optimizers, meta=META, final=True)
+    final.write_bytes(b"") if damage == "empty" else truncate(final)
+    reason = r"is empty \(0 bytes\)" if damage == "empty" else "cannot be read, it is truncated or corrupt"
+    with pytest.raises(UnreadableCheckpointError, match=rf"sft/ckpt.pt {reason}.*rerun scripts.chat_sft"):
+        find_stage_checkpoint("sft")
+    with pytest.raises(UnreadableCheckpointError, match=rf"sft/ckpt.pt {reason}"):
+        load_model("sft", "cpu")
 
 
 def test_load_model_by_stage_name(tmp_path, monkeypatch):

@@ -398,3 +398,20 @@ def test_attention_order_leaves_out_backends_the_user_switched_off():
             model.set_attention_backend("fa3")
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_fit_seq_len_takes_the_trained_length_for_minus_one_and_refuses_past_the_rotary_table():
+    model = GPT(GPTConfig(**TINY, n_head=2, n_kv_head=1))
+    assert model.fit_seq_len(-1) == model.config.sequence_len and model.fit_seq_len(7) == 7
+    assert model.fit_seq_len(model.rotary_seq_len) == model.rotary_seq_len
+    with pytest.raises(ValueError, match=rf"--max_seq_len={model.rotary_seq_len + 1} exceeds the model's rotary table"):
+        model.fit_seq_len(model.rotary_seq_len + 1)
+
+
+def test_randomize_outputs_replaces_the_zero_projections_and_small_lm_head():
+    model = GPT(GPTConfig(**TINY, n_head=2, n_kv_head=1))
+    model.randomize_outputs(lm_head_std=0.5)
+    for block in model.transformer.h:
+        assert block.attn.c_proj.weight.std().item() == pytest.approx(0.02, rel=0.3)
+        assert block.mlp.c_proj.weight.std().item() == pytest.approx(0.02, rel=0.3)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.5, rel=0.3)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from nanochat.collectives import reduce_scatter_mean
 from nanochat.muon import Muon, muon_momentum, zeropower_via_newtonschulz5
-from nanochat.optim import build_optimizers, clip_grad_norm_
+from nanochat.optim import (build_optimizers, check_finite_loss, clip_grad_norm_, grad_accum_steps, set_lr_multiplier,
+                            set_muon_momentum, step_optimizers)
 
 torch.set_num_threads(1)
 NS = (3.4445, -4.7750, 2.0315)
@@ -292,3 +293,34 @@ def test_single_process_clip_matches_torch():
         torch.testing.assert_close(P[k].grad, Q[k].grad)
     total = torch.sqrt(sum(P[k].grad.pow(2).sum() for k in P))
     assert float(total) == pytest.approx(0.1, rel=1e-4)
+
+
+def test_step_optimizers_is_the_update_every_stage_wrote_out():
+    P, Q = toy_params(), toy_params()
+    idx, targets = toy_batches()[0]
+    opts_p, opts_q = toy_optimizers(P, ddp=False), toy_optimizers(Q, ddp=False)
+    toy_loss(P, idx, targets).backward()
+    toy_loss(Q, idx, targets).backward()
+    norm = step_optimizers(torch.nn.ParameterDict(P), opts_p, lrm=0.5, grad_clip=0.1, muon_momentum=0.9)
+    set_lr_multiplier(opts_q, 0.5)  # what the stages wrote before the helper
+    set_muon_momentum(opts_q, 0.9)
+    expected = clip_grad_norm_(opts_q, 0.1)
+    for opt in opts_q:
+        opt.step()
+    assert float(norm) == float(expected)
+    for k in P:
+        assert torch.equal(P[k], Q[k]) and P[k].grad is None, k
+    assert all(g["momentum"] == 0.9 for g in opts_p[1].param_groups)
+    assert all(g["lr"] == 0.5 * g["initial_lr"] for opt in opts_p for g in opt.param_groups)
+    toy_loss(P, idx, targets).backward()
+    assert step_optimizers(torch.nn.ParameterDict(P), opts_p, lrm=1.0, grad_clip=0.0) is None  # no clipping, no norm
+
+
+def test_grad_accum_steps_and_a_diverged_loss_say_what_to_change():
+    assert grad_accum_steps(32, 8, "target_examples_per_step", "device_batch_size * world_size") == 4
+    with pytest.raises(ValueError, match=r"--total_batch_size=100 must be a multiple of device_batch_size \* "
+                                         r"max_seq_len \* world_size = 64"):
+        grad_accum_steps(100, 64, "total_batch_size", "device_batch_size * max_seq_len * world_size")
+    check_finite_loss(3.5, 7)
+    with pytest.raises(FloatingPointError, match="training loss is nan at step 7; lower the learning rates"):
+        check_finite_loss(float("nan"), 7)

@@ -32,6 +32,17 @@ def test_scalars_readable_by_tensorboard_and_lines_in_training_log(tmp_path):
     assert lines[-1].endswith("sample: hello")
 
 
+def test_a_metric_with_no_value_this_step_is_left_out(tmp_path):
+    logger = RunLogger(tmp_path)
+    logger.log(1, {"train/loss": 2.0, "train/grad_norm": None})  # clipping off: no norm was measured
+    logger.log(2, {"train/loss": 1.5, "train/grad_norm": torch.tensor(0.25)})
+    logger.close()
+    scalars = read_scalars(tmp_path / "logs")
+    assert scalars["train/grad_norm"] == [(2, 0.25)] and [s for s, _ in scalars["train/loss"]] == [1, 2]
+    lines = (tmp_path / "training_log.txt").read_text().splitlines()
+    assert lines[1].endswith("step      1 | train/loss 2") and lines[2].endswith("train/grad_norm 0.25")
+
+
 def test_resume_purges_scalars_after_the_resumed_step(tmp_path):
     first = RunLogger(tmp_path)
     for step in range(6):  # the killed run got to step 5 after its last checkpoint at step 3

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nanochat.schedules import lr_multiplier, lr_multiplier_at_progress
+from nanochat.schedules import epoch_steps, is_due, lr_multiplier, lr_multiplier_at_progress
 
 
 def test_base_schedule_is_constant_then_warms_down_to_final_frac():
@@ -38,3 +38,18 @@ def test_progress_outside_the_horizon_is_refused():
 def test_steps_past_the_horizon_are_refused_not_extrapolated_to_negative_rates():
     with pytest.raises(ValueError, match="outside the schedule"):
         lr_multiplier(600, 500)
+
+
+def test_is_due_runs_at_the_last_step_and_every_n_with_minus_one_meaning_only_the_last():
+    due = lambda every, at_start=False: [s for s in range(8) if is_due(s, every, s == 7, at_start)]
+    assert due(3) == [3, 6, 7]
+    assert due(3, at_start=True) == [0, 3, 6, 7]  # evaluations also measure the starting model
+    assert due(-1) == due(-1, at_start=True) == [7]
+
+
+def test_epoch_steps_derives_the_horizon_or_says_what_to_change():
+    assert epoch_steps(5, 1000, 10, 3, what="pairs", per_step_flag="pairs_per_step") == 5  # set: taken as is
+    assert epoch_steps(-1, 1005, 10, 3, what="pairs", per_step_flag="pairs_per_step") == 300  # whole steps only
+    with pytest.raises(ValueError, match="there are 9 pairs, fewer than one step of 10; lower --pairs_per_step or set "
+                                         "--num_iterations"):
+        epoch_steps(-1, 9, 10, 1, what="pairs", per_step_flag="pairs_per_step")
