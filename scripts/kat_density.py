@@ -21,7 +21,7 @@ import numpy as np
 
 from nanochat.common import autodetect_device_type
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat.data import HISTOGRAM_FILE, STATS_FILE, KatData, write_stats_section
+from nanochat.kat.data import HISTOGRAM_FILE, STATS_FILE, KatData, StaleData, write_stats_section
 from nanochat.kat.density import (adaptive_tau, center_embeddings, density_weights, kish_ess, knn_cosine,
                                   knn_log_density)
 from nanochat.kat.pairs import first_user_message
@@ -74,15 +74,11 @@ def main(argv: list[str] | None = None):
     data = KatData(cfg.data_dir)
     device = cfg.device_type or autodetect_device_type()
 
-    # Align embeddings with prompts by id; a prompt without an embedding means a stale embedding file.
-    emb_ids, emb = data.embeddings()
-    prompts = data.prompts()
-    stale = data.stale_embeddings()
-    if stale:
-        raise SystemExit(stale)
-    row_of = {pid: row for row, pid in enumerate(emb_ids)}
+    try:  # a prompt without an embedding means a stale embedding file
+        prompts, x = data.prompt_embeddings()
+    except StaleData as err:
+        raise SystemExit(str(err)) from None
     ids = [p["id"] for p in prompts]
-    x = emb[[row_of[pid] for pid in ids]]
     splits = np.array([p["split"] for p in prompts])
     train_mask = splits == "train"
 

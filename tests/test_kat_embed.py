@@ -160,6 +160,21 @@ def test_padding_and_batch_company_never_change_a_vector(workspace):
         np.testing.assert_allclose(in_batch[-1], alone[0], atol=1e-5)
 
 
+def test_responses_pool_every_token_after_bos_through_the_same_embedder(workspace):
+    """scripts.eval_diversity's response vectors: the same masked mean, over the response tokens after <|bos|>."""
+    from scripts.eval_diversity import embed_responses
+    model, tokenizer = workspace["model"], workspace["tokenizer"]
+    bos = tokenizer.get_bos_token_id()
+    responses = [tokenizer.encode("A pear, then an apple."), [], tokenizer.encode("Yes."), tokenizer.encode("x " * 100)]
+    got = embed_responses(model, bos, responses, batch_size=4, device=torch.device("cpu"))  # padded together
+    with torch.no_grad():
+        for response, vector in zip(responses, got):
+            seq = [bos] + response[:SEQ_LEN - 1]  # longer responses keep their first tokens
+            hidden = model.forward_hidden(torch.tensor([seq]))[0]
+            pooled = hidden[1:] if response else hidden  # an empty response keeps the <|bos|> state
+            np.testing.assert_allclose(vector, F.normalize(pooled.mean(0), dim=0).numpy(), atol=1e-5)
+
+
 def test_identical_prompts_give_identical_vectors(workspace):
     model, sequences = workspace["model"], workspace["sequences"]
     batch = [sequences[0], sequences[1], sequences[0], sequences[2], sequences[3], sequences[0]]

@@ -163,7 +163,7 @@ def write_stats_section(path: Path, name: str, body: str):
     atomic_write(path, "\n".join(s.rstrip() + "\n" for s in kept + [stats_section(name, body)]))
 
 
-def _stat_key(path: Path):
+def _stat_key(path: Path):  # changes whenever the file is rewritten (atomic_write replaces the inode)
     stat = path.stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
@@ -205,8 +205,7 @@ class KatData:
 
     def prompt_splits(self) -> dict[str, str]:
         """{prompt id: split} of prompts_all.jsonl, read again only when the file changed."""
-        key, splits = self._prompt_splits
-        if not self.prompts_file.is_file() or key != _stat_key(self.prompts_file):
+        if not self.prompts_file.is_file() or self._prompt_splits[0] != _stat_key(self.prompts_file):
             self.prompts()
         return self._prompt_splits[1]
 
@@ -245,6 +244,17 @@ class KatData:
             raise KatDataError(f"{txt}: prompt ids repeat; rerun {RERUN_EMBED}")
         return ids, x
 
+    def prompt_embeddings(self) -> tuple[list[dict], np.ndarray]:
+        """(prompts of prompts_all.jsonl, their unit vectors [N, D] in the same order, aligned by id); StaleData
+        when the embeddings belong to other prompts."""
+        ids, x = self.embeddings()
+        prompts = self.prompts()
+        stale = self.stale_embeddings()
+        if stale:
+            raise StaleData(stale)
+        row_of = {pid: row for row, pid in enumerate(ids)}
+        return prompts, x[[row_of[p["id"]] for p in prompts]]
+
     def embeddings_meta(self) -> dict | None:
         """How scripts.kat_embed made the vectors, or None when it wrote no record."""
         return self._json(self.embeddings_meta_file, RERUN_EMBED) if self.embeddings_meta_file.is_file() else None
@@ -279,9 +289,9 @@ class KatData:
         missing = sorted(wanted - set(rows))
         other_split = sorted(pid for pid in wanted & set(rows) if split is not None and rows[pid]["split"] != split)
         if missing or other_split:
-            raise StaleData(f"{self.weights_file} does not describe these prompts: {len(missing)} have no row and "
-                            f"{len(other_split)} are not {split} there (first: {(missing or other_split)[0]}); "
-                            f"rerun {RERUN_EMBED}")
+            wrong_split = f" and {len(other_split)} are not {split} there" if split else ""
+            raise StaleData(f"{self.weights_file} does not describe these prompts: {len(missing)} have no row{wrong_split} "
+                            f"(first: {(missing or other_split)[0]}); rerun {RERUN_EMBED}")
         return join_weights(prompt_ids, list(rows), [r[field] for r in rows.values()])
 
     def density_quintiles(self, prompt_ids: list[str]) -> dict[str, int]:

@@ -24,7 +24,7 @@ import torch
 
 from nanochat.common import atomic_write
 from nanochat.flags import opt, parse_flags
-from nanochat.kat.data import WEIGHTS_FILE, KatData
+from nanochat.kat.data import WEIGHTS_FILE, KatData, StaleData
 from nanochat.kat.pairs import first_user_message
 
 MAP_ROUTE = "/viz/embedding_map.json"  # where scripts.chat_web serves it; nanochat/viz.html fetches this
@@ -131,13 +131,10 @@ def hover_text(prefix: dict) -> str:
 def build_map(data_dir: Path, method: str = "auto", seed: int | None = 0) -> Path:
     """Project the prompt embeddings of data_dir to 3-D and write embedding_map.json there, atomically."""
     data = KatData(data_dir)
-    emb_ids, embeddings = data.embeddings()
-    prompts = data.prompts()
-    stale = data.stale_embeddings()
-    if stale:
-        raise SystemExit(stale)
-    row_of = {pid: row for row, pid in enumerate(emb_ids)}
-    x = embeddings[[row_of[p["id"]] for p in prompts]]
+    try:
+        prompts, x = data.prompt_embeddings()
+    except StaleData as err:
+        raise SystemExit(str(err)) from None
     used = resolve_method(method, len(x))
     explained = None
     if used == "pca":
