@@ -302,3 +302,13 @@ def test_an_empty_local_source_file_is_an_error_naming_it(tmp_path):
                                               r"holds no rows.*--only"):
         build_pair_files(["ultrafeedback"], partial(iter_local_rows, tmp_path), tmp_path / "out")
     assert not (tmp_path / "out" / PAIRS_FILE).exists()
+
+
+def test_held_out_prompts_split_the_test_prompts_into_two_disjoint_stable_parts(tmp_path):
+    from nanochat.kat.data import held_out_part
+    ids = [f"p{i}" for i in range(400)]
+    parts = [held_out_part(i) for i in ids]
+    assert set(parts) == {"dev", "final"} and 150 < parts.count("dev") < 250  # about half each
+    assert parts == [held_out_part(i) for i in ids]  # a function of the id alone
+    with pytest.raises(ValueError, match="one of"):
+        KatData(tmp_path).held_out_prompts("test")

@@ -13,6 +13,7 @@ scripts.kat_inject (style_injection.json; it rewrites pairs_all.jsonl). A bad ro
 at once, naming the file, the line, the field and the stage to rerun.
 """
 
+import hashlib
 import json
 import math
 import re
@@ -25,6 +26,7 @@ from nanochat.common import atomic_write, get_kat_cache_dir
 from nanochat.kat.density import PromptSampler, l2_normalise
 
 SPLITS = ("train", "test")
+HELD_OUT_PARTS = ("dev", "final")  # test prompts: GRPO's trajectory evaluation / the final evaluation, disjoint
 PAIRS_FILE, PROMPTS_FILE, ID_MAP_FILE, STATS_FILE = "pairs_all.jsonl", "prompts_all.jsonl", "prompt_id_map.tsv", "stats.txt"
 EMBEDDINGS_FILE, EMBEDDING_IDS_FILE = "prompt_embeddings.npy", "prompt_embeddings_ids.txt"
 EMBEDDINGS_META_FILE = "prompt_embeddings.json"  # how the vectors were made
@@ -139,6 +141,11 @@ def join_weights(prompt_ids: list[str], weight_ids: list[str], weights) -> np.nd
     return np.array([by_id[pid] for pid in prompt_ids])
 
 
+def held_out_part(prompt_id: str) -> str:
+    """Which half of the test prompts a prompt belongs to, by a hash of its id: the same on every machine."""
+    return HELD_OUT_PARTS[hashlib.sha256(f"held_out:{prompt_id}".encode()).digest()[0] % 2]
+
+
 def density_quintiles(density_of: dict[str, float]) -> dict[str, int]:
     """
     Quintile 1..5 of each prompt by its density (or any increasing function of it, e.g. the log)
@@ -202,6 +209,12 @@ class KatData:
         rows = list(read_rows(self.prompts_file, PROMPT_FIELDS, RERUN_PAIRS, unique_ids=True))
         self._prompt_splits = (key, {r["id"]: r["split"] for r in rows})
         return [r for r in rows if split is None or r["split"] == split]
+
+    def held_out_prompts(self, part: str) -> list[dict]:
+        """Test prompts of one part: "dev" (GRPO's trajectory evaluation) or "final" (eval_diversity)."""
+        if part not in HELD_OUT_PARTS:
+            raise ValueError(f"held-out part must be one of {HELD_OUT_PARTS}, got {part!r}")
+        return [p for p in self.prompts("test") if held_out_part(p["id"]) == part]
 
     def prompt_splits(self) -> dict[str, str]:
         """{prompt id: split} of prompts_all.jsonl, read again only when the file changed."""
