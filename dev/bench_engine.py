@@ -11,8 +11,10 @@ vocabulary size, so it runs before any training. Tokens counted are the ones act
 (a row that samples a stop token ends early and is counted only up to there).
 """
 
+import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -41,6 +43,10 @@ class Config:
     repeats: int = opt(3, help="timed runs; the median is reported")
     check: bool = opt(True, help="first check that CUDA-graph decoding returns exactly the eager tokens")
     time_eager: bool = opt(True, help="also time one run without CUDA graphs")
+    dump_greedy: str = opt("", help="write the greedy (temperature 0) tokens of the first 4 prompts x 2 samples "
+                                    "x 64 tokens to this JSON file, to compare two versions of the engine")
+    compare_greedy: str = opt("", help="a --dump_greedy file of another version: print where this one first differs")
+    profile: bool = opt(False, help="print the top CUDA kernels of one timed run")
 
 
 def synthetic_tokenizer(vocab_size):
@@ -97,6 +103,17 @@ def main():
         mid = sorted(range(repeats), key=lambda i: times[i])[repeats // 2]
         return times, counts, counts[mid] / times[mid]
 
+    if cfg.dump_greedy or cfg.compare_greedy:
+        greedy, _ = engine.generate_batch(prompts[:4], num_samples=2, max_tokens=64, temperature=0.0)
+        if cfg.dump_greedy:
+            Path(cfg.dump_greedy).write_text(json.dumps(greedy))
+        if cfg.compare_greedy:
+            other = json.loads(Path(cfg.compare_greedy).read_text())
+            flat = lambda results: [sample for samples in results for sample in samples]
+            first_diff = [next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+                          for a, b in zip(flat(greedy), flat(other))]
+            print(f"greedy vs {cfg.compare_greedy}: first differing position per sample (None = identical): {first_diff}")
+
     times, counts, tok_per_s = timed_runs(engine, cfg.repeats)
     name = torch.cuda.get_device_name(device) if on_cuda else device.type
     print(f"device: {name} | d{depth}, {model.num_params():,} params, vocab {vocab_size:,}")
@@ -106,6 +123,12 @@ def main():
     print(f"generated tok/s (median of {cfg.repeats}): {tok_per_s:,.0f}   reference (nanochat Oct 2025, d20, 1xH100): "
           f"{REFERENCE_TOK_PER_S:,}   target: >= 11,000")
     print(f"peak memory: {peak_memory_gb(device):.1f} GB")
+    if cfg.profile and on_cuda:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.generate_batch(prompts, max_tokens=cfg.max_tokens, seed=0, **kwargs)
+            synchronize(device)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     if cfg.time_eager and on_cuda:
         _, _, eager_tok_per_s = timed_runs(Engine(model, engine.tokenizer, cuda_graphs=False), 1)
         print(f"without CUDA graphs: {eager_tok_per_s:,.0f} tok/s")
