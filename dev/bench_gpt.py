@@ -20,6 +20,7 @@ import torch
 
 from nanochat.common import autodetect_device_type, peak_memory_gb, synchronize
 from nanochat.flags import opt, parse_flags
+from nanochat.fp8 import use_fp8
 from nanochat import lm_loss
 from nanochat.gpt import ATTENTION_BACKENDS, GPT, config_from_depth
 from nanochat.optim import clip_grad_norm_
@@ -39,6 +40,7 @@ class Config:
     loss_impl: str = opt("chunked", help="training loss", choices=["chunked", "plain"])
     attn: str = opt("cudnn", help="attention kernel tried first", choices=sorted(ATTENTION_BACKENDS))
     grad_clip: float = opt(1.0, help="gradient-norm clipping before the update, as base_train (0: none)")
+    fp8: bool = opt(False, help="fp8 matmuls in the blocks, as base_train --fp8")
     compile: bool = opt(True, help="torch.compile the model (CUDA only)")
     warmup_steps: int = opt(2, help="untimed optimizer steps (compilation happens here)")
     steps: int = opt(4, help="timed optimizer steps")
@@ -120,6 +122,8 @@ def main():
     model.to_empty(device=device)
     model.init_weights()
     optimizers = model.setup_optimizers(ddp=False)
+    if cfg.fp8:
+        use_fp8(model)
     train_model = torch.compile(model, dynamic=False) if (cfg.compile and on_cuda) else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
 
@@ -179,7 +183,7 @@ def main():
     tok_per_s = total_batch / step_s
     mfu = model.estimate_flops() * tok_per_s / H100_BF16_PEAK
     print(f"d{depth}, {model.num_params():,} params, vocab {vocab:,}, B={B}, T={T}, grad_accum={grad_accum}, "
-          f"loss={cfg.loss_impl}, attn={cfg.attn}, compile={cfg.compile and on_cuda}, "
+          f"loss={cfg.loss_impl}, attn={cfg.attn}, compile={cfg.compile and on_cuda}, fp8={cfg.fp8}, "
           f"device={torch.cuda.get_device_name(device) if on_cuda else device.type}")
     print(f"losses: first {losses[0]:.4f}, last {losses[-1]:.4f}; step times (s): {', '.join(f'{t:.3f}' for t in times)}")
     saved = f" | saved for backward {activations_gb[-1]:.1f} GB" if activations_gb else ""

@@ -22,6 +22,7 @@ from nanochat.common import (autocast_context, compute_cleanup, compute_init, de
                              stage_dir, synchronized_time)
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.flags import flags_dict, opt, parse_flags
+from nanochat.fp8 import use_fp8
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.muon import muon_momentum
@@ -73,6 +74,7 @@ class Config:
     save_every: int = opt(1000, help="intermediate checkpoint interval; -1 saves only at the end", min=1, sentinel=-1)
     keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)", min=1)
     resume: bool = opt(False, help="continue from the newest checkpoint in the output folder")
+    fp8: bool = opt(False, help="fp8 matmuls in the transformer blocks (nanochat/fp8.py; needs an H100-class GPU)")
     compile: bool = opt(True, help="torch.compile the model (CUDA only)")
     log_every: int = opt(1, help="print and log every this many steps", min=1)
     out_dir: str = opt("", help="defaults to outs/base")
@@ -121,6 +123,8 @@ def main(argv=None):
 
     optimizers = model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
                                         matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay, ddp=ddp)
+    if cfg.fp8:
+        print0(f"fp8 matmuls in {use_fp8(model)} Linear layers of the blocks")
     train_model = torch.compile(model, dynamic=False) if (cfg.compile and device.type == "cuda") else model
 
     meta = {"stage": "base", "init_from": None, "model_config": model_config.__dict__, "train_args": flags_dict(cfg),

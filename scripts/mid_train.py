@@ -24,6 +24,7 @@ from nanochat.checkpoint_manager import find_stage_checkpoint, load_model, save_
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, device_peak_flops, peak_memory_gb, print0, stage_dir,
                              synchronized_time)
 from nanochat.flags import flags_dict, opt, parse_flags
+from nanochat.fp8 import use_fp8
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.muon import muon_momentum
 from nanochat.optim import check_finite_loss, grad_accum_steps, step_optimizers
@@ -70,6 +71,7 @@ class Config:
     save_every: int = opt(-1, help="intermediate checkpoint interval; -1 saves only at the end", min=1, sentinel=-1)
     keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)", min=1)
     resume: bool = opt(False, help="continue from the newest checkpoint in the output folder")
+    fp8: bool = opt(False, help="fp8 matmuls in the transformer blocks (nanochat/fp8.py; needs an H100-class GPU)")
     compile: bool = opt(True, help="torch.compile the model (CUDA only)")
     log_every: int = opt(1, help="print and log every this many steps", min=1)
     out_dir: str = opt("", help="defaults to outs/mid")
@@ -124,6 +126,8 @@ def main(argv=None):
     optimizers = model.setup_optimizers(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
                                         matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay, ddp=ddp,
                                         init_lr_frac=cfg.init_lr_frac)
+    if cfg.fp8:
+        print0(f"fp8 matmuls in {use_fp8(model)} Linear layers of the blocks")
     train_model = torch.compile(model, dynamic=False) if (cfg.compile and device.type == "cuda") else model
 
     meta = {"stage": "mid", "init_from": str(source_path), "model_config": asdict(model.config),

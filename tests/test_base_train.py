@@ -86,6 +86,20 @@ def test_base_train_then_base_loss_write_every_output(base_dir, tmp_path):
     assert "Base model loss" in (base_dir / "report" / "base_report.md").read_text()
 
 
+def test_base_train_fp8_trains_and_saves_plain_weights(base_dir, tmp_path):
+    """--fp8 runs the blocks' matmuls in fp8 (CPU here too); the checkpoint loads into a plain model."""
+    outs = tmp_path / "outs"
+    result = _run("scripts.base_train", [*TINY_FLAGS, "--num_iterations=6", "--fp8=true"], _env(base_dir, outs))
+    assert "fp8 matmuls in 6 Linear layers" in result.stdout
+    losses = [float(v) for v in re.findall(r"\| loss (\S+) ", result.stdout)]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    config = json.loads((outs / "base" / "config.json").read_text())
+    assert config["train_args"]["fp8"] is True
+    from nanochat.checkpoint_manager import build_model
+    model = build_model(config["model_config"], "cpu")
+    model.load_state_dict(_weights(outs / "base" / "ckpt.pt"))  # plain Linear layers, same keys
+
+
 def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(base_dir, tmp_path):
     steps = ["--num_iterations=12", "--save_every=2", "--keep_checkpoints=10"]
     whole = tmp_path / "whole"
