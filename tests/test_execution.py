@@ -157,6 +157,14 @@ def test_check_function_gives_the_tests_the_setup_helpers():
     assert not check_function("def decode(s):\n    return s\n", test, "decode", test_setup=setup).success
 
 
+def test_check_function_binds_the_entry_points_name_to_the_candidate():
+    # HumanEval/33 compares candidate(x) with sort_third(x): that name must be the candidate, not the prompt's stub
+    setup = "def double(x):\n    \"\"\"Return 2 * x.\"\"\"\n"
+    test = "def check(candidate):\n    assert candidate(3) == double(3) == 6\n"
+    assert check_function("def double(x):\n    return 2 * x\n", test, "double", test_setup=setup).success
+    assert not check_function("def double(x):\n    return 3 * x\n", test, "double", test_setup=setup).success
+
+
 def test_check_function_hands_the_candidates_exceptions_to_the_tests_as_builtin_types():
     test = ("def check(candidate):\n    try:\n        candidate(-1)\n    except ValueError as e:\n"
             "        assert 'negative' in str(e)\n    else:\n        raise AssertionError('no ValueError')\n"
