@@ -40,7 +40,7 @@ import torch
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model
 from nanochat.common import REPO_ROOT, autodetect_device_type, get_kat_cache_dir, setup_logging, stage_dir
 from nanochat.engine import Engine, utf8_pieces
-from nanochat.flags import opt, parse_flags
+from nanochat.flags import FlagError, opt, parse_flags
 
 log = logging.getLogger(__name__)
 
@@ -501,7 +501,8 @@ def create_app(workers: list[Worker], config: Config | None = None, unavailable:
         async def authorised(credentials: HTTPAuthorizationCredentials | None = Security(bearer)):
             if credentials is None:
                 raise RequestError(401, "this server needs an API key: send 'Authorization: Bearer <key>' (OpenAI "
-                                        "clients: api_key=<key>)", code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+                                        "clients: api_key=<key>)", code="missing_api_key",
+                                   headers={"WWW-Authenticate": "Bearer"})
             if not secrets.compare_digest(credentials.credentials.encode(), config.api_key.encode()):
                 raise RequestError(401, "the API key is not the one this server was started with", code="invalid_api_key",
                                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
@@ -514,6 +515,12 @@ def create_app(workers: list[Worker], config: Config | None = None, unavailable:
                    404: error_response("the model is not loaded (the message lists those that are)"),
                    413: error_response(f"the body is larger than the server's --max_body_bytes ({config.max_body_bytes:,})"),
                    415: error_response("the body is not sent as Content-Type: application/json")}
+
+    def event_schema(data: str) -> dict:
+        # before OpenAPI 3.2 (itemSchema), an event stream's schema describes one event
+        return {"schema": {"type": "object", "required": ["data"],
+                           "properties": {"data": {"type": "string", "description": data}}}}
+
     request_body = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}}
 
@@ -604,8 +611,9 @@ def create_app(workers: list[Worker], config: Config | None = None, unavailable:
     # -- chat
 
     @app.post("/chat/completions", dependencies=protected, response_class=EventStream, openapi_extra=request_body,
-              responses={**chat_errors, 200: {"description": 'server-sent events: {"token", "model"} ..., then '
-                                                             '{"done", "model", "finish_reason", "completion_tokens"}'}})
+              responses={**chat_errors, 200: {"description": "the reply as server-sent events", "content": {
+                  "text/event-stream": event_schema('{"token", "model"} for each piece of text, then {"done": true, '
+                                                    '"model", "finish_reason", "completion_tokens"}, or {"error"}')}}})
     async def ui_completion(request: Request):
         chat, prompt_ids, max_tokens = await accept(request)
 
@@ -624,9 +632,8 @@ def create_app(workers: list[Worker], config: Config | None = None, unavailable:
 
     @app.post("/v1/chat/completions", dependencies=protected, openapi_extra=request_body,
               responses={**chat_errors, 500: error_response("generation failed (a non-streamed reply)"),
-                         200: {"description": "a chat.completion, or with stream=true server-sent chat.completion.chunk "
-                                              "events ending with [DONE]",
-                               "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+                         200: {"description": "a chat.completion, or with stream=true server-sent events", "content": {
+                             "text/event-stream": event_schema("a chat.completion.chunk as JSON, and [DONE] last")}}})
     async def openai_completion(request: Request):
         chat, prompt_ids, max_tokens = await accept(request)
         reply = Reply(prompt_tokens=len(prompt_ids))
@@ -699,6 +706,8 @@ def main():
 
     setup_logging()
     config = parse_flags(Config)
+    if config.max_body_bytes < 1:
+        raise FlagError(f"--max_body_bytes must be a positive number of bytes, got {config.max_body_bytes}")
     device_type = config.device_type or autodetect_device_type()
     stages = [s for s in config.models.split(",") if s] if config.models else find_chat_stages()
     config.api_key = config.api_key or os.environ.get(API_KEY_ENV, "")

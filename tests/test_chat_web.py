@@ -444,6 +444,12 @@ def test_a_streamed_body_stops_being_read_at_the_limit(stages):
     assert len(pulled) == (1 << 20) // len(chunk) + 1  # 16 chunks fill the limit, the 17th passes it
 
 
+def test_a_body_limit_below_one_byte_is_refused_at_startup():
+    run = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--max_body_bytes=0"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "--max_body_bytes must be a positive number of bytes, got 0" in run.stderr
+
+
 def test_the_largest_valid_request_fits_under_the_default_body_limit(client):
     # 32,000 characters that JSON escapes at 12 bytes each (a surrogate pair) in 500 messages: ~0.4 MB, read
     # whole and refused only for what it is (far past the tiny model's context), not for its size
@@ -546,6 +552,8 @@ def test_openapi_schema_states_the_bodies_and_the_errors(client, stages):
             error = resolve(schema, operation["responses"][status]["content"]["application/json"]["schema"])
             assert error["required"] == ["error"], status
             assert set(resolve(schema, error["properties"]["error"])["required"]) == {"message", "type", "param", "code"}
+        event = operation["responses"]["200"]["content"]["text/event-stream"]["schema"]  # one event, before OpenAPI 3.2
+        assert event["required"] == ["data"] and event["properties"]["data"]["type"] == "string"
         assert "401" not in operation["responses"] and "security" not in operation  # no key on this server
     with local_app(api_key=KEY) as keyed:
         schema = keyed.get("/openapi.json").json()
