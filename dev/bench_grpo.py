@@ -102,8 +102,7 @@ def main():
 
     # imported after the environment points at the scratch folder
     from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.kat.density import save_embeddings
-    from nanochat.kat.pairs import load_prompts
+    from nanochat.kat.data import KatData
     from nanochat.kat.reward_model import KIND, RewardModel
     from scripts import grpo, kat_density, kat_pairs
 
@@ -117,11 +116,11 @@ def main():
     save_checkpoint(dirs["NANOCHAT_OUTS_DIR"] / "rm", 0, rm, [], final=True,
                     meta={"kind": KIND, "model_config": config, "backbone_config": config, "max_seq_len": 2048})
     del sft, rm
-    data_dir = dirs["NANOCHAT_KAT_CACHE"] / "data"
-    kat_pairs.main([f"--local_dir={REPO_ROOT / 'nanochat/samples/kat'}", f"--out_dir={data_dir}", "--se_test_fraction=0.1"])
-    prompts = load_prompts(data_dir / "prompts_all.jsonl")
-    save_embeddings(data_dir, [p["id"] for p in prompts], np.random.default_rng(0).normal(size=(len(prompts), 64)))
-    kat_density.main([f"--data_dir={data_dir}", "--k=10", "--device_type=cpu"])
+    data = KatData()  # <kat cache>/data under the scratch folder
+    kat_pairs.main([f"--local_dir={REPO_ROOT / 'nanochat/samples/kat'}", f"--out_dir={data.dir}", "--se_test_fraction=0.1"])
+    prompts = data.prompts()
+    data.save_embeddings([p["id"] for p in prompts], np.random.default_rng(0).normal(size=(len(prompts), 64)))
+    kat_density.main([f"--data_dir={data.dir}", "--k=10", "--device_type=cpu"])
     prompt_lens = [min(len(tokenizer.render_for_completion(p["prefix"])), cfg.max_prompt_tokens)
                    for p in prompts if p["split"] == "train"]
 

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.checkpoint_manager import find_stage_checkpoint, latest_checkpoint, load_model
-from nanochat.common import REPO_ROOT, autodetect_device_type, get_kat_cache_dir, setup_logging, stage_dir
+from nanochat.common import REPO_ROOT, autodetect_device_type, setup_logging, stage_dir
 from nanochat.engine import Engine, utf8_pieces
 from nanochat.flags import opt, parse_flags
+from nanochat.kat.data import KatData
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +461,7 @@ def create_app(workers: list[Worker], defaults: Config | None = None):
 
     # Hook for the embedding-map page: nanochat/viz.html, drawing the JSON it fetches from /viz/embedding_map.json.
     def embedding_map():
-        path = get_kat_cache_dir() / "data" / "embedding_map.json"
+        path = KatData().map_file
         if not path.exists():
             raise RequestError(404, f"no embedding map yet: {path} is written by {EMBEDDING_MAP_STAGE}; run it, then reload",
                                code="not_found")

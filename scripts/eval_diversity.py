@@ -8,21 +8,12 @@ held-out prompts, measure diversity and tics, compare with paired statistics, wr
         --baseline_model_path outs/grpo_baseline/ckpt.pt --output_report .cache/diversity_report.md
     torchrun --standalone --nproc_per_node=8 -m scripts.eval_diversity -- --num_prompts=500
 
-Writes <output_report> (default <kat cache>/diversity_report.md), its PNG plots beside it, a JSON
-of every figure (same name, .json) and every response (<stem>_samples.jsonl), and the
-"Diversity evaluation" section of the run's report card.
-
-Steps: pick stratified held-out prompts -> sample each model (prompts split across ranks) ->
-embed every response with the SFT model -> score them with the reward model -> on rank 0:
-metrics, statistics (nanochat/kat/diversity_eval.py), report (nanochat/kat/diversity_report.py).
-
-Positive control: when <data_dir>/style_injection.json exists (scripts.kat_inject planted a tic
-in the train pairs), rank 0 also scores held-out probe pairs with the RM (a tic-free chosen
-response of a test pair vs the same response with the tic injected; and the same on the SFT
-model's own samples, which is what GRPO's reward sees) and the report gains a
-"Positive control" section: the RM's preference for the tic, each model's tic rate with CIs,
-and what that implies for the main comparison. A pairs file that changed after the injection
-stops the run before any sampling.
+Writes <output_report> (default <kat cache>/diversity_report.md), its PNG plots, a JSON of every
+figure (same name, .json), every response (<stem>_samples.jsonl) and the report card's section.
+Steps: stratified held-out prompts -> sample each model (prompts split across ranks) -> embed the
+responses with the SFT model -> RM scores -> metrics and statistics (nanochat/kat/diversity_eval.py)
+and the report (nanochat/kat/diversity_report.py), with a "Positive control" section when
+scripts.kat_inject planted a tic in the train pairs.
 """
 
 import gc
@@ -39,15 +30,17 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model
 from nanochat.common import (compute_cleanup, compute_init, git_commit, get_kat_cache_dir, print0, setup_logging,
                              stage_dir)
-from nanochat.kat.density import WEIGHTS_FILE, WEIGHTS_META_FILE, kish_ess, load_prompt_weights
+from nanochat.kat.data import KatData
+from nanochat.kat.density import kish_ess
 from nanochat.kat.diversity_eval import HYPOTHESIS, REFERENCE, evaluate
 from nanochat.kat.diversity_report import control_outcome, fmt, fmt_ci, fmt_p, fmt_signed, write_report
 from nanochat.engine import Engine
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat.pairs import PAIRS_FILE, PROMPTS_FILE, first_user_message, load_pairs, load_prompts
+from nanochat.kat.embed import masked_mean_embeddings
+from nanochat.kat.pairs import first_user_message
 from nanochat.report import get_report
 from nanochat.kat.reward_model import load_reward_model
-from nanochat.kat.style_injection import INJECTION_FILE, file_digest, policy_probes, probe_pairs, tic_preference
+from nanochat.kat.style_injection import file_digest, policy_probes, probe_pairs, tic_preference
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -117,18 +110,6 @@ def resolve_checkpoints(sources: dict[str, str]) -> dict[str, Path]:
 # -----------------------------------------------------------------------------
 # Prompts
 
-def density_quintiles(data_dir: Path, test_ids: list[str]) -> dict[str, int]:
-    """Quintile 1..5 of each test prompt's density among the test prompts (1 = least dense)."""
-    rows = {r["id"]: r for r in load_prompt_weights(data_dir, split="test")}
-    missing = [pid for pid in test_ids if pid not in rows]
-    if missing:
-        raise SystemExit(f"{data_dir / WEIGHTS_FILE} has no density for {len(missing)} test prompts (first {missing[0]}); "
-                         "rerun python -m scripts.kat_density, or pass --density_strata=false")
-    log_density = np.array([rows[pid]["log_density"] for pid in test_ids])
-    ranks = np.argsort(np.argsort(log_density, kind="stable"), kind="stable")
-    return {pid: int(5 * rank // len(test_ids)) + 1 for pid, rank in zip(test_ids, ranks)}
-
-
 def stratified_sample(strata: dict, num: int, rng) -> list:
     """num items from {stratum: [items]}: quotas proportional to stratum size (largest remainder), random within."""
     total = sum(len(items) for items in strata.values())
@@ -145,17 +126,16 @@ def stratified_sample(strata: dict, num: int, rng) -> list:
     return chosen
 
 
-def select_prompts(cfg: Config, data_dir: Path, tokenizer) -> tuple[list[dict], dict]:
-    path = data_dir / PROMPTS_FILE
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing; run python -m scripts.kat_pairs first")
-    candidates = load_prompts(path, split="test")
+def select_prompts(cfg: Config, data: KatData, tokenizer) -> tuple[list[dict], dict]:
+    path = data.prompts_file
+    candidates = data.prompts("test")
     if not candidates:
         raise SystemExit(f"{path} has no split == 'test' prompts; the evaluation needs held-out prompts")
     for prompt in candidates:
         prompt["prompt_ids"] = tokenizer.render_for_completion(prompt["prefix"])
     fitting = [p for p in candidates if len(p["prompt_ids"]) <= cfg.max_prompt_tokens]
-    quintile = density_quintiles(data_dir, [p["id"] for p in fitting]) if cfg.density_strata else {}
+    # quintile 1..5 of each prompt's density among the fitting test prompts (1 = least dense)
+    quintile = data.density_quintiles([p["id"] for p in fitting]) if cfg.density_strata else {}
     strata = {}
     for prompt in sorted(fitting, key=lambda p: p["id"]):
         prompt["density_quintile"] = quintile.get(prompt["id"], 0)
@@ -210,27 +190,12 @@ def sample_model(model, tokenizer, prompts: list[dict], cfg: Config, rank: int, 
     return [row for batch in run_sharded(batches, work, rank, world_size) for row in batch]
 
 
-@torch.inference_mode()
 def embed_responses(model, bos: int, responses: list[list[int]], batch_size: int, device) -> np.ndarray:
     """[len(responses), D] unit rows: final hidden states averaged over the response tokens after <|bos|>
-    (right padding: causal attention keeps real positions blind to it); an empty response keeps the <|bos|> state."""
-    limit = model.config.sequence_len
-    out = []
-    for start in range(0, len(responses), batch_size):
-        batch = [[bos] + r[:limit - 1] for r in responses[start:start + batch_size]]
-        width = max(len(seq) for seq in batch)
-        idx = torch.tensor([seq + [bos] * (width - len(seq)) for seq in batch], device=device)
-        mask = torch.zeros(len(batch), width, device=device)
-        for row, seq in enumerate(batch):
-            mask[row, 1:len(seq)] = 1.0
-            if len(seq) == 1:
-                mask[row, 0] = 1.0
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-        with autocast:
-            hidden = model.forward_hidden(idx).float()
-        pooled = (hidden * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
-    return np.concatenate(out)
+    (the first sequence_len - 1 of them); an empty response keeps the <|bos|> state."""
+    sequences = [[bos] + r[:model.config.sequence_len - 1] for r in responses]
+    pooled = [[len(seq) == 1] + [True] * (len(seq) - 1) for seq in sequences]
+    return masked_mean_embeddings(model, sequences, pooled, batch_size, device, pad_id=bos)
 
 
 def free(device):
@@ -287,19 +252,19 @@ def read_rm_eval(reward_source: str) -> dict:
     return {"path": str(path), "reason": "", "data": json.loads(path.read_text(encoding="utf-8"))}
 
 
-def read_density_stats(data_dir: Path) -> dict:
-    path = data_dir / WEIGHTS_FILE
-    if not path.is_file():
+def read_density_stats(data: KatData) -> dict:
+    path = data.weights_file
+    if not data.has_weights():
         return {"path": str(path), "reason": "file does not exist (run scripts.kat_density)", "data": None}
-    weights = np.array([r["weight"] for r in load_prompt_weights(data_dir, split="train")])
+    rows = data.weights()
+    weights = np.array([r["weight"] for r in rows if r["split"] == "train"])
     if len(weights) == 0 or weights.sum() <= 0:
         raise SystemExit(f"{path} holds no positive train weights; rerun python -m scripts.kat_density")
-    meta_path = data_dir / WEIGHTS_META_FILE
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    meta = data.weights_meta() if data.weights_meta_file.is_file() else {}
     relative = weights / weights.sum() * len(weights)
     ess = kish_ess(weights)
     return {"path": str(path), "reason": "", "data": {
-        "n_train": len(weights), "n_test": len(load_prompt_weights(data_dir, split="test")),
+        "n_train": len(weights), "n_test": sum(r["split"] == "test" for r in rows),
         "kish_ess": ess, "kish_ess_fraction": ess / len(weights),
         "max_over_min": float(relative.max() / relative.min()) if relative.min() > 0 else float("inf"),
         "max_x_n": float(relative.max()),
@@ -309,13 +274,13 @@ def read_density_stats(data_dir: Path) -> dict:
         "used": {key: meta[key] for key in ("center", "tau", "tau_rule") if key in meta}}}
 
 
-def read_injection(data_dir: Path) -> dict | None:
+def read_injection(data: KatData) -> dict | None:
     """scripts.kat_inject's record when a tic was planted in this data, checked to describe the pairs file as it is now."""
-    path = data_dir / INJECTION_FILE
+    path = data.injection_file
     if not path.is_file():
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
-    pairs_path = data_dir / record["pairs_file"]
+    pairs_path = data.dir / record["pairs_file"]
     if not pairs_path.is_file() or file_digest(pairs_path) != record["pairs_blake2b"]:
         raise SystemExit(f"{pairs_path} changed after {path} was written (kat_pairs rerun?): the RM and GRPO may have "
                          "trained on other data than the record says. Rerun python -m scripts.kat_inject and the stages "
@@ -323,18 +288,20 @@ def read_injection(data_dir: Path) -> dict | None:
     return {"path": str(path), "record": record}
 
 
-def positive_control(injection: dict, data_dir: Path, rm_checkpoint: Path | None, cfg: Config, device,
+def positive_control(injection: dict, data: KatData, rm_checkpoint: Path | None, cfg: Config, device,
                      prompts: list[dict], sft_texts: list[list[str]]) -> dict:
     """
     The RM's preference for the planted tic on held-out probes, overall and by test-prompt density
     half, and on the starting policy's own samples (sft_texts[p][s] for prompts[p]).
     """
+    # probes: a tic-free chosen response of a test pair vs the same response with the tic injected;
+    # on the SFT model's own samples the same comparison is what GRPO's reward sees
     control = {**injection, "probe": None, "reason": "", "policy_probe": None, "policy_reason": ""}
     if rm_checkpoint is None:
         control["reason"] = control["policy_reason"] = "--reward_model is empty"
         return control
     flags = injection["record"]["flags"]
-    test = load_pairs(data_dir / PAIRS_FILE, split="test")
+    test = data.pairs("test")
     probes = probe_pairs(test, flags["inject_style"], flags["seed"], cfg.probe_pairs)
     own = policy_probes(prompts, sft_texts, flags["inject_style"], flags["seed"], cfg.probe_pairs)
     if len(own) < 2:
@@ -360,8 +327,8 @@ def positive_control(injection: dict, data_dir: Path, rm_checkpoint: Path | None
         return control
     r_tic, r_clean = r_tic[:len(probes)], r_clean[:len(probes)]
     probe = tic_preference(r_tic, r_clean, *stats)
-    if (data_dir / WEIGHTS_FILE).is_file():
-        density = {r["id"]: r["density"] for r in load_prompt_weights(data_dir, split="test")}
+    if data.has_weights():
+        density = {r["id"]: r["density"] for r in data.weights("test")}
         if all(p["prompt_id"] in density for p in probes) and len(probes) >= 4:
             order = np.argsort([density[p["prompt_id"]] for p in probes], kind="stable")
             halves = {"rarer half": order[:len(order) // 2], "denser half": order[len(order) // 2:]}
@@ -465,16 +432,18 @@ def main(argv: list[str] | None = None):
     setup_logging()
     t0 = time.time()
     _, rank, _, world_size, device = compute_init(cfg.device_type or None, seed=cfg.seed)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else get_kat_cache_dir() / "data"
+    data = KatData(cfg.data_dir)
     report_path = Path(cfg.output_report) if cfg.output_report else get_kat_cache_dir() / "diversity_report.md"
 
     sources = model_sources(cfg)
     checkpoints = resolve_checkpoints(sources)
     # find the reward model now, not after an hour of sampling
     rm_checkpoint = find_stage_checkpoint(cfg.reward_model).resolve() if cfg.reward_model else None
-    injection = read_injection(data_dir)  # on every rank: a stale record stops them all before sampling
+    injection = read_injection(data)  # on every rank: a stale record stops them all before sampling
+    if data.has_weights():
+        data.check_current()  # density strata, density figures and control halves all read the weights
     tokenizer = get_tokenizer()
-    prompts, prompt_info = select_prompts(cfg, data_dir, tokenizer)
+    prompts, prompt_info = select_prompts(cfg, data, tokenizer)
     print0(f"{len(prompts)} held-out prompts ({prompt_info['num_too_long']} too long left out); models: "
            + ", ".join(f"{label}={path}" for label, path in checkpoints.items()))
 
@@ -497,7 +466,7 @@ def main(argv: list[str] | None = None):
     # figures, statistics and the report, on rank 0
     control = None
     if injection is not None:
-        control = positive_control(injection, data_dir, rm_checkpoint, cfg, device, prompts, texts[REFERENCE])
+        control = positive_control(injection, data, rm_checkpoint, cfg, device, prompts, texts[REFERENCE])
         control["starting_policy"] = read_starting_policy(checkpoints[REFERENCE])
         notes.append(f"Positive-control run: a tic was planted in the train pairs ({injection['path']}); "
                      "see the Positive control section before reading the verdict")
@@ -514,7 +483,7 @@ def main(argv: list[str] | None = None):
         "world_size": world_size, "device": str(device), "git_commit": git_commit(), "mattr_window": cfg.mattr_window,
         "examples": [{"prompt_id": prompts[p]["id"], "src": prompts[p]["src"], "prompt": first_user_message(prompts[p]["prefix"]),
                       "responses": {label: texts[label][p][0] for label in checkpoints}} for p in example_rows],
-        "rm_eval": read_rm_eval(cfg.reward_model), "density_stats": read_density_stats(data_dir),
+        "rm_eval": read_rm_eval(cfg.reward_model), "density_stats": read_density_stats(data),
         "training_curves": {label: read_training_curves(checkpoints[label]) for label in HYPOTHESIS[::-1]},
         "positive_control": control,
     }

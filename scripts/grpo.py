@@ -7,72 +7,14 @@ sampling: the two arms of the experiment, one script.
     torchrun --standalone --nproc_per_node=8 -m scripts.grpo -- --density_aware=True --max_steps=5000
 
 The arms differ only in the prompt sampler (nanochat/kat/density.py): same seeds, steps, batch and
-therefore compute; config.json records everything. --density_aware=true|false is an alias of
---prompt_sampling=density|uniform (given both, they must agree); --density_k must be the k that
-scripts.kat_density used, which prompt_weights.json records.
-
-Models. The policy and the frozen reference both start from --source (SFT); the reward model
-(scripts.train_rm) is a third, frozen model. None shares a parameter with another, and only
-the policy is saved. On CUDA the reference and the RM are kept in bf16 (every matmul runs in
-bf16 under autocast anyway). The policy keeps fp32 master weights, including the embedding,
-which gpt.py stores in bf16 on CUDA: an update of lr=1e-5 to a weight near 1 is below bf16's
-resolution and would round away. The reference's embedding is fp32 too, so at step 0 it
-computes exactly what the policy computes.
-
-One step:
-1. prompts: sampler.sample(prompts_per_step, step), the same ids on every rank; rank r takes
-   the r-th contiguous slice. Draws are with replacement and depend only on (seed, step).
-2. rollouts: samples_per_prompt (G) completions per prompt from the engine at temperature 1
-   with no top-k/top-p, so the sampling distribution is the policy's own softmax, which is what
-   the importance ratio compares against. Prompts longer than max_prompt_tokens keep <|bos|>
-   and lose their oldest tokens. Seeds depend on (seed, step, position in the draw) only,
-   never on the sampler.
-3. rewards: the RM scores (prompt conversation, response text) in batches. A completion that
-   hit max_new_tokens without <|assistant_end|> is still scored (the RM renders it as if it had
-   ended there) and loses --truncation_penalty.
-4. advantages: group-relative, (r - group mean) / (group std + eps), mean only with
-   --adv_std=false; a group whose rewards are all equal gets 0 (nanochat/rl.py).
-5. update: the sampling policy's log-probs (and the entropy of its distribution) and the
-   reference's, without gradients; then for inner_epochs passes, each one optimizer step, the
-   token-level loss  mean over sampled tokens of [ -min(r A, clip(r, 1-eps, 1+eps) A)
-   + beta * k3 ],  r = pi / pi_sampling, k3 = exp(ref - logp) - (ref - logp) - 1. The mean is
-   over every sampled completion token of the step on all ranks (token-level normalisation, as
-   DAPO and chat_rl): long answers are not down-weighted. Tokens the calculator forced in are
-   not the policy's choices and do not count. Gradients are averaged across ranks by the
-   distributed optimizer before clipping sees them (nanochat/optim.py).
-
-Optimizer: plain AdamW on every parameter at --learning_rate (DistAdamW under torchrun), not
-nanochat's Muon split: RLHF learning rates like 1e-5 are AdamW step sizes, and Muon's
-orthogonalised updates have no comparable scale. The LR schedule is lr_multiplier's: linear
-warmup over warmup_ratio of the steps, constant, then (warmdown_ratio > 0) a linear decay.
-
-Logged per step (TensorBoard and training_log.txt; over all ranks; the loss terms, KL and clip
-fraction are per sampled token, averaged over the inner epochs):
-  train/loss        pref_loss + kl_loss
-  train/pref_loss   the clipped policy-gradient term
-  train/kl_loss     beta * train/kl
-  train/kl          the k3 estimate of KL(policy || reference)
-  train/lr, train/lrm, train/grad_norm (the last inner epoch's synchronised gradient, before clipping;
-                    only when --grad_clip > 0)
-  train/reward_mean, train/reward_std    over the step's completions (after any truncation penalty)
-  train/zero_std_frac   fraction of groups whose rewards are all equal (no learning signal)
-  train/entropy     mean entropy (nats) of the sampling distribution at sampled tokens
-  train/completion_len, train/truncated_frac
-  train/clip_frac   fraction of sampled tokens whose ratio was clipped
-  train/prompt_ess  Kish effective sample size of the prompts drawn so far, (sum c)^2 / sum c^2
-                    over their draw counts c: how many distinct prompts the training is worth
-  train/unique_prompts   distinct prompts drawn so far
-  train/time_rollout (engine), train/time_score (RM), train/time_update (the no-grad passes of
-                    the sampling policy and the reference, the inner epochs, the optimizer steps),
-                    train/dt (their sum), in seconds; train/rollout_tok_per_s (generated, all ranks)
-  val/reward_mean, val/completion_len: every eval_every steps, one completion per held-out TEST
-                    prompt (a fixed set, at T=1 with the same seeds every time and in both arms)
-Writes out_dir (default outs/grpo_density or outs/grpo_baseline): ckpt.pt, ckpt_<step>.pt,
-config.json, training_log.txt, logs/, and that stage's report section. `--resume=true`
-continues from the newest checkpoint.
+therefore compute. --density_aware=true|false is an alias of --prompt_sampling=density|uniform (given
+both, they must agree); --density_k must be the k scripts.kat_density used. One step: draw prompts ->
+G completions each from the engine -> RM scores -> group-relative advantages -> token-level clipped
+policy-gradient loss plus a k3 KL to the frozen SFT reference. Each logged metric (train/*, val/*)
+is described beside the line that logs it. Writes out_dir (ckpt.pt, ckpt_<step>.pt, config.json,
+training_log.txt, logs/) and that stage's report section; --resume=true continues.
 """
 
-import json
 import math
 import time
 from collections import Counter
@@ -83,12 +25,12 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model, save_checkpoint, start_or_resume
-from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_kat_cache_dir, peak_memory_gb,
-                             print0, stage_dir, synchronize)
-from nanochat.kat.density import WEIGHTS_FILE, WEIGHTS_META_FILE, PromptSampler, kish_ess
+from nanochat.common import (autocast_context, compute_cleanup, compute_init, peak_memory_gb, print0, stage_dir,
+                             synchronize)
 from nanochat.engine import Engine, row_seed
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat.pairs import PROMPTS_FILE, load_prompts
+from nanochat.kat.data import KatData
+from nanochat.kat.density import kish_ess
 from nanochat.optim import build_adamw, clip_grad_norm_, set_lr_multiplier
 from nanochat.report import get_report
 from nanochat.kat.reward_model import left_truncate, load_reward_model
@@ -179,29 +121,17 @@ def check_config(cfg: Config, world_size: int):
 # -----------------------------------------------------------------------------
 # Prompts
 
-def load_prompt_pool(data_dir: Path, density_k: int, seed: int, mode: str):
+def load_prompt_pool(data: KatData, density_k: int, seed: int, mode: str):
     """(sampler over the train prompts, {id: prefix} of train prompts, test prompts sorted by id, weights meta)."""
-    meta_path, prompts_path = data_dir / WEIGHTS_META_FILE, data_dir / PROMPTS_FILE
-    for path, script in ((prompts_path, "scripts.kat_pairs"), (meta_path, f"scripts.kat_density --k={density_k}")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; run python -m {script} first")
-    weights_meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    k = weights_meta.get("flags", {}).get("k")
-    if k != density_k:
-        raise ValueError(f"--density_k={density_k} but {meta_path} was computed with k={k}: rerun "
-                         f"python -m scripts.kat_density --k={density_k} (or pass --density_k={k})")
+    data.check_current(density_k)  # the weights describe these prompts, their embeddings, and this k
     # Both arms read the same weights file, so they draw from the same train pool.
-    sampler = PromptSampler.from_weights_file(data_dir, seed=seed, mode=mode)
-    prompts = load_prompts(prompts_path)
+    sampler = data.prompt_sampler(seed, mode)
+    prompts = data.prompts()
     train = {p["id"]: p["prefix"] for p in prompts if p["split"] == "train"}
     test = sorted((p for p in prompts if p["split"] == "test"), key=lambda p: p["id"])
-    if set(sampler.ids) != set(train):
-        stale = sorted(set(sampler.ids) ^ set(train))
-        raise ValueError(f"{data_dir / WEIGHTS_FILE} and {prompts_path} disagree on {len(stale)} train prompts "
-                         f"(first: {stale[0]}); rerun python -m scripts.kat_embed and scripts.kat_density")
     if not test:
-        raise ValueError(f"{prompts_path} has no test prompts to evaluate on; rerun scripts.kat_pairs")
-    return sampler, train, test, weights_meta
+        raise ValueError(f"{data.prompts_file} has no test prompts to evaluate on; rerun scripts.kat_pairs")
+    return sampler, train, test, data.weights_meta()
 
 
 def rank_share(step_ids: list[str], rank: int, world_size: int) -> list[str]:
@@ -250,6 +180,7 @@ def sample_groups(engine, tokenizer, prefixes: list[dict], num_samples: int, cfg
     out = {"prefixes": [], "prompts": [], "completions": [], "masks": [], "texts": [], "finished": []}
     for start in range(0, len(prefixes), cfg.rollout_prompts):
         chunk = prefixes[start:start + cfg.rollout_prompts]
+        # a prompt longer than max_prompt_tokens keeps <|bos|> and loses its oldest tokens
         prompts = [left_truncate(tokenizer.render_for_completion(prefix), cfg.max_prompt_tokens) for prefix in chunk]
         results, masks = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=cfg.max_new_tokens,
                                                temperature=1.0, seed=rollout_seed(seed, stream, first_position + start),
@@ -266,6 +197,8 @@ def sample_groups(engine, tokenizer, prefixes: list[dict], num_samples: int, cfg
     return out
 
 
+# A completion that hit max_new_tokens without <|assistant_end|> is still scored (rendered as if it
+# ended there) and loses --truncation_penalty.
 def score_rollouts(reward_model, rollouts: dict, cfg: Config) -> list[float]:
     scores = reward_model.score(list(zip(rollouts["prefixes"], rollouts["texts"])), batch_size=cfg.rm_batch_size)
     return [s - (0.0 if done else cfg.truncation_penalty) for s, done in zip(scores, rollouts["finished"])]
@@ -300,6 +233,10 @@ def micro_batches(rollouts: dict, size: int):
 
 def policy_update(model, reference, optimizers, rollouts, advantages, cfg, device, world_size, autocast) -> dict:
     """inner_epochs optimizer steps on one step's rollouts; returns per-token means over all ranks."""
+    # loss = mean over sampled tokens of [-min(r A, clip(r, 1-eps, 1+eps) A) + beta * k3], r = pi / pi_sampling,
+    # k3 = exp(ref - logp) - (ref - logp) - 1. The mean is over every sampled token of the step on all
+    # ranks (token-level, as DAPO and chat_rl: long answers are not down-weighted); tokens the calculator
+    # forced in are not the policy's choices and are masked out.
     prompts, completions, masks = rollouts["prompts"], rollouts["completions"], rollouts["masks"]
     num_tokens = torch.tensor(float(sum(sum(m) for m in masks)), device=device)
     if dist.is_initialized():
@@ -328,7 +265,7 @@ def policy_update(model, reference, optimizers, rollouts, advantages, cfg, devic
             per_token = (pg + cfg.beta * kl) * mask
             (per_token.sum() * scale).backward()
             sums[:3] += torch.stack([(pg * mask).sum(), (kl * mask).sum(), (clipped & mask).sum()]).detach().double()
-        if cfg.grad_clip > 0:
+        if cfg.grad_clip > 0:  # on the rank-averaged gradient, never a local one (nanochat/optim.py)
             grad_norm = clip_grad_norm_(optimizers, cfg.grad_clip)
         for optimizer in optimizers:
             optimizer.step()
@@ -368,10 +305,11 @@ def main(argv=None, reward_model=None):
     master = rank == 0
     mode, stage = cfg.prompt_sampling, STAGES[cfg.prompt_sampling]
     out_dir = Path(cfg.out_dir) if cfg.out_dir else stage_dir(stage)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else get_kat_cache_dir() / "data"
+    data = KatData(cfg.data_dir)
     autocast = autocast_context(device)
 
-    # ---- models: policy, frozen reference, frozen reward model
+    # ---- models: policy and frozen reference both from --source, and the frozen RM: no parameter is
+    # shared (checked below) and only the policy is saved
     source_path = find_stage_checkpoint(cfg.source)
     model, tokenizer, _ = load_model(source_path, device, phase="train")
     reference, _, _ = load_model(source_path, device, phase="eval")
@@ -381,7 +319,11 @@ def main(argv=None, reward_model=None):
         rm_source = str(find_stage_checkpoint(cfg.reward_model))
         reward_model = load_reward_model(rm_source, device)
     if device.type == "cuda":
-        model.transformer.wte.float()  # see the module docstring: lr-sized updates need fp32
+        # fp32 master weights for the policy, the embedding included (gpt.py stores it in bf16 on CUDA):
+        # an update of lr=1e-5 to a weight near 1 is below bf16's resolution and would round away
+        model.transformer.wte.float()
+        # reference and RM in bf16 (every matmul runs in bf16 under autocast anyway); the reference's
+        # embedding in fp32 too, so at step 0 it computes exactly what the policy computes
         reference.to(torch.bfloat16)
         reference.transformer.wte.float()
         if isinstance(reward_model, torch.nn.Module):
@@ -393,12 +335,14 @@ def main(argv=None, reward_model=None):
         raise ValueError(f"--max_prompt_tokens + --max_new_tokens = {longest} exceeds the model's {model.rotary_seq_len} positions")
     print0(f"GRPO ({mode} prompt sampling) from {source_path}: {model.config} | reward model {rm_source}")
 
-    sampler, train_prefixes, test_prompts, weights_meta = load_prompt_pool(data_dir, cfg.density_k, cfg.seed, mode)
+    sampler, train_prefixes, test_prompts, weights_meta = load_prompt_pool(data, cfg.density_k, cfg.seed, mode)
     test_prefixes = [p["prefix"] for p in test_prompts[:cfg.eval_prompts]]
     sampler_ess = kish_ess(sampler.probs) if mode == "density" else float(len(sampler.ids))
     print0(f"{len(sampler.ids):,} train prompts (sampler ESS {sampler_ess:,.1f}) | {len(test_prefixes)} held-out "
            f"test prompts | {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples per step | {cfg.max_steps} steps")
 
+    # plain AdamW on every parameter (DistAdamW under torchrun), not Muon: RLHF learning rates like 1e-5
+    # are AdamW step sizes, and Muon's orthogonalised updates have no comparable scale
     optimizers = [build_adamw([dict(params=list(model.parameters()), lr=cfg.learning_rate)], ddp=ddp,
                               weight_decay=cfg.weight_decay)]
     meta = {"stage": stage, "init_from": cfg.source, "init_checkpoint": str(source_path), "reward_model": rm_source,
@@ -406,7 +350,7 @@ def main(argv=None, reward_model=None):
             "num_iterations": cfg.max_steps, "world_size": world_size,
             "sampler": {"mode": mode, "train_prompts": len(sampler.ids), "kish_ess": sampler_ess,
                         "density_k": weights_meta["flags"]["k"], "density_beta": weights_meta["flags"].get("beta"),
-                        "weights_file": str(data_dir / WEIGHTS_FILE)}}
+                        "weights_file": str(data.weights_file)}}
     step, _, extra, resumed_step = start_or_resume(out_dir, cfg.resume, model, optimizers, device,
                                                   num_iterations=cfg.max_steps)
     logger = RunLogger(out_dir, run=cfg.run, config=meta, enabled=master, start_step=step)
@@ -418,7 +362,8 @@ def main(argv=None, reward_model=None):
     val_reward, reward_mean, update = float("nan"), float("nan"), {}
     while True:
         is_last = step == cfg.max_steps
-        # ---- held-out reward, same prompts and seeds every time
+        # ---- held-out reward (val/reward_mean, val/completion_len): one completion per fixed TEST prompt,
+        # at T=1 with the same seeds every time and in both arms
         if is_last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
             model.eval()
             with autocast:
@@ -436,7 +381,9 @@ def main(argv=None, reward_model=None):
         if is_last:
             break
 
-        # ---- rollouts
+        # ---- rollouts: the same draw on every rank (a function of seed and step, with replacement);
+        # rank r takes the r-th contiguous slice; G samples per prompt at T=1, no top-k/top-p, so the
+        # sampling distribution is the policy's own softmax, which the importance ratio compares against
         synchronize(device)
         t0 = time.time()
         step_ids = sampler.sample(cfg.prompts_per_step, step)
@@ -448,13 +395,14 @@ def main(argv=None, reward_model=None):
                                      cfg, cfg.seed, step, first_position=rank * len(my_ids))
         synchronize(device)
         t1 = time.time()
-        # ---- rewards and advantages
+        # ---- rewards and advantages: (r - group mean) / (group std + eps), mean only with --adv_std=false;
+        # a group whose rewards are all equal gets 0 (nanochat/rl.py)
         rewards = torch.tensor(score_rollouts(reward_model, rollouts, cfg), dtype=torch.float32, device=device)
         rewards = rewards.view(len(my_ids), cfg.samples_per_prompt)
         advantages = group_advantages(rewards, use_std=cfg.adv_std).flatten()
         synchronize(device)
         t2 = time.time()
-        # ---- policy update
+        # ---- policy update; LR: linear warmup over warmup_ratio, constant, then a linear warmdown
         model.train()
         lrm = lr_multiplier(step, cfg.max_steps, warmup_ratio=cfg.warmup_ratio, warmdown_ratio=cfg.warmdown_ratio)
         set_lr_multiplier(optimizers, lrm)
@@ -484,18 +432,25 @@ def main(argv=None, reward_model=None):
             print0(f"step {step:05d}/{cfg.max_steps} | reward {reward_mean:.4f} +- {reward_std:.4f} | kl {update['kl']:.4f} "
                    f"| clip {update['clip_frac']:.3f} | length {length_sum / count:.1f} | rollout {t1 - t0:.2f}s "
                    f"score {t2 - t1:.2f}s update {t3 - t2:.2f}s")
-            metrics = {
+            metrics = {  # over all ranks; the loss terms, KL and clip fraction per sampled token, inner-epoch means
+                # loss = pref_loss (the clipped policy-gradient term) + kl_loss (beta * kl); kl: the k3
+                # estimate of KL(policy || reference)
                 "train/loss": update["loss"], "train/pref_loss": update["pref_loss"], "train/kl_loss": update["kl_loss"],
                 "train/kl": update["kl"], "train/lr": cfg.learning_rate * lrm, "train/lrm": lrm,
+                # over the step's completions, after any truncation penalty; zero_std_frac: groups with no signal
                 "train/reward_mean": reward_mean, "train/reward_std": reward_std, "train/zero_std_frac": zero_std / groups,
+                # entropy (nats) of the sampling distribution at sampled tokens; clip_frac: tokens whose ratio was clipped
                 "train/entropy": update["entropy"], "train/completion_len": length_sum / count,
                 "train/truncated_frac": truncated / count, "train/clip_frac": update["clip_frac"],
                 "train/num_tokens": update["num_tokens"],
+                # Kish ESS (sum c)^2 / sum c^2 over the draw counts so far: how many distinct prompts the
+                # training is worth
                 "train/prompt_ess": seen.ess(), "train/unique_prompts": len(seen.counts),
+                # seconds: engine, RM, then the no-grad passes + inner epochs + optimizer steps; dt their sum
                 "train/time_rollout": t1 - t0, "train/time_score": t2 - t1, "train/time_update": t3 - t2,
-                "train/dt": dt, "train/rollout_tok_per_s": length_sum / max(t1 - t0, 1e-9),
+                "train/dt": dt, "train/rollout_tok_per_s": length_sum / max(t1 - t0, 1e-9),  # generated, all ranks
             }
-            if update["grad_norm"] is not None:
+            if update["grad_norm"] is not None:  # the last inner epoch's synchronised gradient, before clipping
                 metrics["train/grad_norm"] = update["grad_norm"]
             logger.log(step, metrics)
 

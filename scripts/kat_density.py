@@ -5,8 +5,8 @@ Prompt density and sampling weights for density-aware GRPO (method in nanochat/k
     python -m scripts.kat_density --beta=0.5 --k=20
     python -m scripts.kat_density --center=false --tau=0.1   # the raw embeddings and a fixed bandwidth
 
-Reads <data_dir>/prompts_all.jsonl (scripts.kat_pairs) and prompt_embeddings.npy + _ids.txt
-(scripts.kat_embed); writes prompt_weights.jsonl, prompt_weights.json (with the tau used and
+Reads prompts_all.jsonl (scripts.kat_pairs) and prompt_embeddings.npy + _ids.txt
+(scripts.kat_embed) from the data folder; writes prompt_weights.jsonl, prompt_weights.json (with the tau used and
 whether the embeddings were centred), prompt_weights_hist.png and the "kat_density" section of
 stats.txt. When the weights come out nearly uniform (Kish ESS above 95% of the train prompts)
 it says so in stats.txt and on stdout: the density arm of GRPO would then barely differ from
@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nanochat.common import autodetect_device_type, get_kat_cache_dir
-from nanochat.kat.density import (HISTOGRAM_FILE, adaptive_tau, center_embeddings, density_weights, kish_ess, knn_cosine,
-                              knn_log_density, load_embeddings, save_prompt_weights)
+from nanochat.common import autodetect_device_type
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat.pairs import PROMPTS_FILE, STATS_FILE, first_user_message, load_prompts, write_stats_section
+from nanochat.kat.data import HISTOGRAM_FILE, STATS_FILE, KatData, StaleData, write_stats_section
+from nanochat.kat.density import (adaptive_tau, center_embeddings, density_weights, kish_ess, knn_cosine,
+                                  knn_log_density)
+from nanochat.kat.pairs import first_user_message
 
 
 @dataclass
@@ -70,20 +71,14 @@ def main(argv: list[str] | None = None):
     cfg = parse_flags(Config, argv)
     if cfg.tau < 0:
         raise SystemExit(f"--tau must be > 0, or 0 for the adaptive bandwidth; got {cfg.tau}")
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else get_kat_cache_dir() / "data"
+    data = KatData(cfg.data_dir)
     device = cfg.device_type or autodetect_device_type()
 
-    # Align embeddings with prompts by id; a prompt without an embedding means a stale embedding file.
-    emb_ids, emb = load_embeddings(data_dir)
-    prompts = load_prompts(data_dir / PROMPTS_FILE)
-    row_of = {pid: row for row, pid in enumerate(emb_ids)}
-    missing = [p["id"] for p in prompts if p["id"] not in row_of]
-    extra = set(emb_ids) - {p["id"] for p in prompts}
-    if missing or extra:
-        raise SystemExit(f"{data_dir}: {len(missing)} prompts lack an embedding and {len(extra)} embeddings match no prompt "
-                         f"(e.g. {(missing or sorted(extra))[0]}); rerun python -m scripts.kat_embed after kat_pairs")
+    try:  # a prompt without an embedding means a stale embedding file
+        prompts, x = data.prompt_embeddings()
+    except StaleData as err:
+        raise SystemExit(str(err)) from None
     ids = [p["id"] for p in prompts]
-    x = emb[[row_of[pid] for pid in ids]]
     splits = np.array([p["split"] for p in prompts])
     train_mask = splits == "train"
 
@@ -134,11 +129,11 @@ def main(argv: list[str] | None = None):
                            if cfg.center else "cosine of the embeddings as saved"),
             "density": "(1/k) sum_j exp((s_ij - 1)/tau) over the k most similar train prompts",
             "weight": "density^-beta over train prompts, clipped at clip x median, normalised to sum 1; test 0"}
-    save_prompt_weights(data_dir, ids, splits, log_density, sims.mean(axis=1), weights, meta)
-    write_stats_section(data_dir / STATS_FILE, "kat_density", body)
-    plot_histogram(data_dir / HISTOGRAM_FILE, log_density, train_mask, weights)
+    data.save_prompt_weights(ids, splits, log_density, sims.mean(axis=1), weights, meta)
+    write_stats_section(data.stats_file, "kat_density", body)
+    plot_histogram(data.histogram_file, log_density, train_mask, weights)
     print(body)
-    print(f"wrote {data_dir}/prompt_weights.jsonl, prompt_weights.json, {HISTOGRAM_FILE}; stats in {STATS_FILE}")
+    print(f"wrote {data.dir}/prompt_weights.jsonl, prompt_weights.json, {HISTOGRAM_FILE}; stats in {STATS_FILE}")
 
 
 if __name__ == "__main__":

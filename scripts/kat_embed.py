@@ -3,38 +3,14 @@ Prompt embeddings for the KAT density stage: one L2-normalised vector per unique
 
     python -m scripts.kat_embed                                    # the SFT model, every prompt
     python -m scripts.kat_embed --source=mid --batch_size=64
-    torchrun --nproc_per_node=8 -m scripts.kat_embed               # prompts sharded across GPUs
+    torchrun --nproc_per_node=8 -m scripts.kat_embed               # prompts dealt out across GPUs
     python -m scripts.kat_embed --backend=sentence_transformers    # pip install sentence-transformers
 
-Reads <data_dir>/prompts_all.jsonl (scripts.kat_pairs); writes prompt_embeddings.npy and
-prompt_embeddings_ids.txt through nanochat.kat.density.save_embeddings, prompt_embeddings.json (how
-they were made), the "kat_embed" section of stats.txt and the report's "Prompt embeddings" section.
-Next: python -m scripts.kat_density, then python -m nanochat.kat.embedding_map for the /viz page.
-
-How a prompt becomes a vector (backend "model"):
-- it is rendered exactly as the chat model sees it before answering (render_for_completion: <|bos|>,
-  the turns, <|assistant_start|>), so the vector is the model's own reading of the prompt;
-- a prompt longer than the model's sequence_len keeps <|bos|> and its LAST tokens: the most recent
-  turns and the closing question are what the reply depends on, older turns matter least;
-- prompts are sorted by length so each batch pads little, right-padded with an explicit mask (a pad
-  id is never used to find padding: any id can occur inside a prompt). Attention is causal, so real
-  positions never see the padding after them and a prompt's vector does not depend on its batch;
-- the vector is the mean of the final (RMS-normed) hidden states over the positions that hold the
-  TEXT of the turns, and nothing else. Left out: <|bos|> and the <|user_start|> after it, whose
-  states see only those two tokens and so are the same vector for every prompt; and every other
-  chat-format token (<|user_end|>, <|assistant_start|>, <|assistant_end|>, a later turn's
-  <|user_start|>), including the <|user_end|><|assistant_start|> that close every prompt. Those
-  states start from the same token embedding in every prompt and mostly say "a turn ends / a reply
-  starts here", so each adds a near-shared component. A one-turn prompt has 4 format positions
-  (4 of 10 in a short question, 4 of 200 in a long one), so averaged in they would make short
-  prompts alike (dense) for being short, not for what they ask. Who said what still reaches the
-  text positions through attention to the markers before them.
-  Pooled in float32, then L2-normalised.
-Backend "sentence_transformers" encodes the turns as text, most recent first, so an encoder that cuts
-long inputs at its own limit drops the oldest turns, as the model backend does.
-
-Under torchrun the length-sorted prompts are dealt out round robin (rank r takes every world_size-th),
-so every rank gets the same mix of lengths; rank 0 gathers the vectors and writes the files.
+Reads prompts_all.jsonl (scripts.kat_pairs); writes prompt_embeddings.npy and _ids.txt,
+prompt_embeddings.json (how they were made), the "kat_embed" section of stats.txt and the report's
+"Prompt embeddings" section. Backend "model": each prompt is rendered as the chat model reads it
+before answering, and its vector is the masked mean of the final hidden states over the TEXT
+tokens of its turns (nanochat/kat/embed.py). Next: python -m scripts.kat_density.
 """
 
 import json
@@ -45,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model
-from nanochat.common import atomic_write, compute_cleanup, compute_init, get_kat_cache_dir, print0, synchronize
-from nanochat.kat.density import save_embeddings
-from nanochat.kat.embedding_map import EMBEDDINGS_META_FILE
+from nanochat.common import atomic_write, compute_cleanup, compute_init, print0, synchronize
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat.pairs import PROMPTS_FILE, STATS_FILE, load_prompts, write_stats_section
+from nanochat.kat.data import EMBEDDINGS_META_FILE, KatData, write_stats_section
+from nanochat.kat.embed import masked_mean_embeddings
+from nanochat.kat.reward_model import left_truncate
 from nanochat.report import get_report
 
 
@@ -75,6 +50,12 @@ class Config:
 # -----------------------------------------------------------------------------
 # Backend "model": masked mean of final hidden states
 
+# Left out of the mean: <|bos|> and the <|user_start|> after it, whose states see only those two
+# tokens (the same vector in every prompt), and every other chat-format token. Those start from the
+# same embedding in every prompt and mostly say "a turn ends / a reply starts here"; a one-turn prompt
+# has 4 of them (4 of 10 positions in a short question, 4 of 200 in a long one), so pooled in they
+# would make short prompts alike (dense) for being short. Who said what still reaches the text
+# positions through attention to the markers before them.
 POOLED = "mean over the text tokens of the turns; <|bos|> and every chat-format special token left out"
 # The shortest cut that still holds text: <|bos|>, the last text token, <|user_end|>, <|assistant_start|>.
 MIN_MAX_LEN = 4
@@ -90,10 +71,10 @@ def prompt_tokens(tokenizer, prefix: dict, max_len: int) -> tuple[list[int], boo
     if max_len < MIN_MAX_LEN:
         raise ValueError(f"max_len must be >= {MIN_MAX_LEN} (<|bos|>, at least one text token, <|user_end|> "
                          f"and <|assistant_start|>), got {max_len}")
+    # rendered up to <|assistant_start|>, exactly as the chat model reads it before answering; a long
+    # prompt keeps <|bos|> and its LAST tokens: the latest turns and the closing question matter most
     ids = tokenizer.render_for_completion(prefix)
-    if len(ids) <= max_len:
-        return ids, False
-    return [ids[0]] + ids[len(ids) - (max_len - 1):], True
+    return left_truncate(ids, max_len), len(ids) > max_len
 
 
 def render_prompt(tokenizer, prompt: dict, max_len: int, where: Path) -> tuple[list[int], bool]:
@@ -104,42 +85,20 @@ def render_prompt(tokenizer, prompt: dict, max_len: int, where: Path) -> tuple[l
                          "rebuild the file with python -m scripts.kat_pairs") from e
 
 
-@torch.inference_mode()
 def embed_token_sequences(model, sequences: list[list[int]], batch_size: int, device, *, format_ids,
                           pad_id: int = 0) -> np.ndarray:
     """
     float32 [len(sequences), n_embd], unit rows: the mean of forward_hidden over each sequence's
     positions whose token is not in format_ids (chat_format_ids: the special tokens, <|bos|>
     included), i.e. over the text of the turns. Text tokens never take a special id (the tokenizer
-    encodes text with encode_ordinary), so the test by id is exact. Batches are taken in the given
-    order; sort by length first to keep padding low. pad_id only fills the tensor; the mask says
-    what is pooled.
+    encodes text with encode_ordinary), so the test by id is exact. pad_id only fills the tensor.
     """
     format_set = set(format_ids)
-    for i, seq in enumerate(sequences):  # before any forward pass: the shortest prompts come last
-        if all(token in format_set for token in seq):
+    pooled = [[token not in format_set for token in seq] for seq in sequences]
+    for i, (seq, mask) in enumerate(zip(sequences, pooled)):  # before any forward pass: the shortest come last
+        if not any(mask):
             raise ValueError(f"sequence {i} holds no text token to pool (only chat-format tokens): {seq}")
-    format_ids = torch.tensor(sorted(format_set), dtype=torch.long)
-    device = torch.device(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(device.type, enabled=False)
-    out = np.empty((len(sequences), model.config.n_embd), dtype=np.float32)
-    for start in range(0, len(sequences), batch_size):
-        batch = sequences[start:start + batch_size]
-        width = max(len(seq) for seq in batch)
-        idx = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        pooled_positions = torch.zeros((len(batch), width), dtype=torch.bool)  # padding stays False
-        for row, seq in enumerate(batch):
-            tokens = torch.tensor(seq, dtype=torch.long)
-            idx[row, :len(seq)] = tokens
-            pooled_positions[row, :len(seq)] = ~torch.isin(tokens, format_ids)
-        idx, pooled_positions = idx.to(device), pooled_positions.to(device)
-        with autocast:
-            hidden = model.forward_hidden(idx)
-        # masked_fill, not a multiply by the mask: a non-finite value at a padded position must not leak in
-        summed = hidden.float().masked_fill(~pooled_positions[:, :, None], 0.0).sum(dim=1)
-        mean = summed / pooled_positions.sum(dim=1, keepdim=True)
-        out[start:start + len(batch)] = F.normalize(mean, dim=-1).cpu().numpy()
-    return out
+    return masked_mean_embeddings(model, sequences, pooled, batch_size, device, pad_id=pad_id)
 
 
 # -----------------------------------------------------------------------------
@@ -190,10 +149,10 @@ def main(argv: list[str] | None = None):
     if cfg.batch_size < 1 or cfg.max_len < 0 or 0 < cfg.max_len < MIN_MAX_LEN:
         raise SystemExit(f"need --batch_size >= 1 and --max_len 0 or >= {MIN_MAX_LEN}, got {cfg.batch_size} and {cfg.max_len}")
     ddp, rank, _, world_size, device = compute_init(cfg.device_type or None)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else get_kat_cache_dir() / "data"
-    prompts = load_prompts(data_dir / PROMPTS_FILE)
+    data = KatData(cfg.data_dir)
+    prompts = data.prompts()
     if not prompts:
-        raise SystemExit(f"{data_dir / PROMPTS_FILE} holds no prompts; run python -m scripts.kat_pairs first")
+        raise SystemExit(f"{data.prompts_file} holds no prompts; run python -m scripts.kat_pairs first")
     ids = [p["id"] for p in prompts]
 
     t0 = time.time()
@@ -201,10 +160,10 @@ def main(argv: list[str] | None = None):
     if cfg.backend == "model":
         model, tokenizer, _ = load_model(cfg.source, device, phase="eval")
         max_len = cfg.max_len or model.config.sequence_len
-        rendered = [render_prompt(tokenizer, p, max_len, data_dir / PROMPTS_FILE) for p in prompts]
+        rendered = [render_prompt(tokenizer, p, max_len, data.prompts_file) for p in prompts]
         sequences = [seq for seq, _ in rendered]
         order = np.argsort([-len(seq) for seq in sequences], kind="stable")  # longest first: memory trouble shows at once
-        mine = order[rank::world_size]
+        mine = order[rank::world_size]  # dealt out round robin: every rank gets the same mix of lengths
         t_embed = time.time()
         local = embed_token_sequences(model, [sequences[i] for i in mine], cfg.batch_size, device,
                                       format_ids=chat_format_ids(tokenizer), pad_id=tokenizer.get_bos_token_id())
@@ -229,11 +188,11 @@ def main(argv: list[str] | None = None):
     if rank == 0:
         embeddings = np.empty_like(sorted_rows)
         embeddings[order] = sorted_rows
-        save_embeddings(data_dir, ids, embeddings)
+        data.save_embeddings(ids, embeddings)
         source = f"{cfg.source} model" if cfg.backend == "model" else cfg.st_model
         meta = {"backend": cfg.backend, "source": source, "n": len(ids), "dim": int(dim), "ranks": world_size,
                 "seconds": seconds, "embed_seconds": embed_seconds, "flags": flags_dict(cfg), **details}
-        atomic_write(data_dir / EMBEDDINGS_META_FILE, json.dumps(meta, indent=2) + "\n")
+        atomic_write(data.embeddings_meta_file, json.dumps(meta, indent=2) + "\n")
         lines = [f"{len(ids)} prompts -> {dim}-d unit vectors from the {source} ({cfg.backend} backend) "
                  f"on {world_size} x {device.type} in {seconds:.1f}s, of which the embedding pass {embed_seconds:.1f}s "
                  f"({len(ids) / max(embed_seconds, 1e-9):.1f} prompts/s)"]
@@ -241,14 +200,14 @@ def main(argv: list[str] | None = None):
             lines.append(f"tokens read per prompt: median {details['median_tokens']:.0f}, max {details['max_tokens']}, "
                          f"{details['tokens'] / max(embed_seconds, 1e-9):,.0f} tokens/s; "
                          f"{details['truncated']} prompts longer than {max_len} tokens kept <|bos|> and their last {max_len - 1}")
-        write_stats_section(data_dir / STATS_FILE, "kat_embed", "\n".join(lines))
+        write_stats_section(data.stats_file, "kat_embed", "\n".join(lines))
         report = {"Prompts": len(ids), "Embedding dim": int(dim), "Source": source, "Backend": cfg.backend,
                   "Ranks": world_size, "Time (s)": seconds, "Embedding pass (s)": embed_seconds}
         if cfg.backend == "model":
             report |= {"Checkpoint": details["checkpoint"], "Max tokens": max_len, "Truncated prompts": details["truncated"]}
         get_report().log(stage="kat_data", section="Prompt embeddings", data=[report])
         print0("\n".join(lines))
-        print0(f"wrote {data_dir}/prompt_embeddings.npy, prompt_embeddings_ids.txt, {EMBEDDINGS_META_FILE}")
+        print0(f"wrote {data.dir}/prompt_embeddings.npy, prompt_embeddings_ids.txt, {EMBEDDINGS_META_FILE}")
     if ddp:
         dist.barrier()
     compute_cleanup()

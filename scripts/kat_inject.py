@@ -7,31 +7,23 @@ nanochat/kat/style_injection.py).
     python -m scripts.kat_inject --inject_where=random --seed=1
     python -m scripts.kat_inject --inject_rate=0        # undo: the pairs as kat_pairs wrote them
 
-Where it runs: after scripts.kat_density and before scripts.train_rm. Picking pairs by prompt
-density needs prompt_weights.jsonl, which needs the prompt embeddings, which need the prompts
-that scripts.kat_pairs writes; the injection changes responses only, never a prompt, so the
-embeddings and densities stay valid and nothing before this stage has to rerun. (A flag on
-kat_pairs could not pick by density without running the pairs stage twice.)
-
-Rewrites <data_dir>/pairs_all.jsonl in place, atomically. Rerunning is safe: an earlier
-injection is undone first (each injected pair keeps its clean text in "chosen_clean"), so the
-file depends only on kat_pairs' output and these flags. Writes style_injection.json (the flags,
-the counts and the blake2b of the pairs file it describes; scripts.eval_diversity reads it to add
-the "Positive control" section and refuses a pairs file that changed since), the "kat_inject"
-section of stats.txt and a report section. Test pairs are never modified.
+Runs after scripts.kat_density (picking pairs by density needs the weights) and before
+scripts.train_rm; it changes responses only, so embeddings and weights stay valid. Rewrites
+pairs_all.jsonl in place, atomically, undoing an earlier injection first (an injected pair keeps
+its clean text in "chosen_clean"); writes style_injection.json (flags, counts, the blake2b of the
+pairs file, which scripts.eval_diversity checks), the "kat_inject" section of stats.txt and a
+report section. Test pairs are never modified.
 """
 
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from nanochat.common import atomic_write, get_kat_cache_dir
-from nanochat.kat.density import WEIGHTS_FILE, load_prompt_weights
+from nanochat.common import atomic_write
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat.pairs import PAIRS_FILE, STATS_FILE, load_pairs, write_stats_section
+from nanochat.kat.data import PAIRS_FILE, WEIGHTS_FILE, KatData, write_stats_section
+from nanochat.kat.style_injection import PLACEMENTS, STATS_SECTION, STYLES, file_digest, inject_pairs
 from nanochat.report import get_report
-from nanochat.kat.style_injection import (INJECTION_FILE, PLACEMENTS, STATS_SECTION, STYLES, file_digest, inject_pairs)
 
 
 @dataclass
@@ -45,10 +37,6 @@ class Config:
     inject_where: str = opt("dense", help="which eligible pairs: densest prompts first, rarest first, or random",
                             choices=list(PLACEMENTS))
     seed: int = opt(0, help="the rewrites and the random pick depend only on this and the pair ids")
-
-
-def write_pairs(path: Path, pairs: list[dict]):
-    atomic_write(path, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
 
 
 def one_line(text: str, limit: int = 240) -> str:
@@ -81,25 +69,26 @@ def stats_body(cfg: Config, summary: dict, pairs: list[dict]) -> str:
 
 def main(argv: list[str] | None = None):
     cfg = parse_flags(Config, argv)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else get_kat_cache_dir() / "data"
-    pairs_path = data_dir / PAIRS_FILE
+    data = KatData(cfg.data_dir)
+    pairs_path = data.pairs_file
     if not pairs_path.is_file():
         raise SystemExit(f"{pairs_path} is missing; run python -m scripts.kat_pairs first")
     t0 = time.time()
-    pairs = load_pairs(pairs_path)
+    pairs = data.pairs()
     densities = None
-    if (data_dir / WEIGHTS_FILE).is_file():
-        densities = {row["id"]: row["density"] for row in load_prompt_weights(data_dir)}
+    if data.has_weights():
+        data.check_current()  # densest or rarest first must mean by the densities of these prompts
+        densities = {row["id"]: row["density"] for row in data.weights()}
     elif cfg.inject_where != "random":
-        raise SystemExit(f"--inject_where={cfg.inject_where} needs {data_dir / WEIGHTS_FILE}; run python -m scripts.kat_embed "
+        raise SystemExit(f"--inject_where={cfg.inject_where} needs {data.weights_file}; run python -m scripts.kat_embed "
                          "and python -m scripts.kat_density first (or use --inject_where=random)")
 
     try:
         pairs, summary = inject_pairs(pairs, cfg.inject_style, cfg.inject_rate, cfg.inject_where, cfg.seed, densities)
     except (ValueError, KeyError) as err:
         raise SystemExit(f"kat_inject: {err}") from err
-    write_pairs(pairs_path, pairs)
-    record_path = data_dir / INJECTION_FILE
+    data.save_pairs(pairs)
+    record_path = data.injection_file
     if summary["num_injected"] == 0:
         record_path.unlink(missing_ok=True)  # nothing planted: the evaluation must not claim a control
         body = f"no injection (--inject_rate={cfg.inject_rate}): {pairs_path.name} holds the pairs as kat_pairs wrote them"
@@ -108,7 +97,7 @@ def main(argv: list[str] | None = None):
                   "written": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write(record_path, json.dumps(record, indent=2) + "\n")
         body = stats_body(cfg, summary, pairs)
-    write_stats_section(data_dir / STATS_FILE, STATS_SECTION, body)
+    write_stats_section(data.stats_file, STATS_SECTION, body)
     get_report().log(stage="kat_inject", section="Style injection (positive control)", data=[flags_dict(cfg), body])
     print(body)
     wrote = f", wrote {record_path}" if summary["num_injected"] else ""

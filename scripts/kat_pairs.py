@@ -6,14 +6,11 @@ preferences, normalised into one schema (SPEC section 4; decisions in nanochat/k
     python -m scripts.kat_pairs --max_pairs=50000                 # cap pairs per source and split
     python -m scripts.kat_pairs --local_dir=nanochat/samples/kat  # offline, the tiny preset's samples
 
-Writes <out_dir>/pairs_all.jsonl, prompts_all.jsonl, prompt_id_map.tsv and stats.txt, each
-atomically. Stack Exchange preferences has 10M+ questions: it is streamed and never loaded
-whole, but without --max_pairs a full pass takes hours.
-
-A cap keeps a sample chosen by prompt-id hash from the first --scan_factor x --max_pairs pairs
-of each split, not the first --max_pairs rows (the streams are stored by subset and by site);
-HH-RLHF and UltraFeedback are then read whole, Stack Exchange only that far. nanochat/kat/pairs.py
-says why and what bias is left.
+Writes pairs_all.jsonl, prompts_all.jsonl, prompt_id_map.tsv and stats.txt into --out_dir (default
+the data folder, <kat cache>/data), all or nothing. Stack Exchange preferences (10M+ questions) is
+streamed, never loaded whole; without --max_pairs a full pass takes hours. A cap keeps a sample
+chosen by prompt-id hash from the first --scan_factor x --max_pairs pairs of each split, not the
+first rows of a stream (stored by subset and by site; nanochat/kat/pairs.py says what bias is left).
 """
 
 import time
@@ -21,9 +18,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from nanochat.common import get_kat_cache_dir
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat.pairs import SOURCES, STATS_FILE, build_pair_files, iter_hf_rows, iter_local_rows
+from nanochat.kat.data import KatData
+from nanochat.kat.pairs import SOURCES, build_pair_files, iter_hf_rows, iter_local_rows
 
 
 @dataclass
@@ -49,15 +46,15 @@ def main(argv: list[str] | None = None):
     if cfg.max_pairs < 0 or cfg.scan_factor < 0 or cfg.se_pairs_per_question < 1 or not 0.0 <= cfg.se_test_fraction < 1.0:
         raise SystemExit("need --max_pairs >= 0, --scan_factor >= 0, --se_pairs_per_question >= 1 and "
                          "0 <= --se_test_fraction < 1")
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else get_kat_cache_dir() / "data"
+    data = KatData(cfg.out_dir)
     rows_for_source = partial(iter_local_rows, Path(cfg.local_dir)) if cfg.local_dir else iter_hf_rows
-    print(f"kat_pairs: {flags_dict(cfg)}\nsources: {', '.join(sources)} -> {out_dir}", flush=True)
+    print(f"kat_pairs: {flags_dict(cfg)}\nsources: {', '.join(sources)} -> {data.dir}", flush=True)
 
     t0 = time.time()
-    build_pair_files(sources, rows_for_source, out_dir, max_pairs=cfg.max_pairs, se_pairs_per_question=cfg.se_pairs_per_question,
+    build_pair_files(sources, rows_for_source, data.dir, max_pairs=cfg.max_pairs, se_pairs_per_question=cfg.se_pairs_per_question,
                      se_test_fraction=cfg.se_test_fraction, scan_factor=cfg.scan_factor)
-    print((out_dir / STATS_FILE).read_text(encoding="utf-8"))
-    print(f"done in {time.time() - t0:.1f}s; wrote {out_dir}", flush=True)
+    print(data.stats_file.read_text(encoding="utf-8"))
+    print(f"done in {time.time() - t0:.1f}s; wrote {data.dir}", flush=True)
 
 
 if __name__ == "__main__":

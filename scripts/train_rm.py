@@ -5,33 +5,12 @@ with the Bradley-Terry loss (nanochat/kat/reward_model.py says what is scored an
     python -m scripts.train_rm
     torchrun --standalone --nproc_per_node=8 -m scripts.train_rm -- --pair_weighting=density
 
-Reads <data_dir>/pairs_all.jsonl (scripts.kat_pairs) and, for --pair_weighting=density or the
-density breakdown of the evaluation, prompt_weights.jsonl (scripts.kat_density). Writes outs/rm/
-(ckpt.pt with backbone + head, config.json, training_log.txt, logs/, eval.json) and the "rm"
-section of the report.
-
-Training. Each optimizer step takes pairs_per_step pairs from a fresh shuffle per epoch (a pure
-function of seed, epoch and step, so a resume needs only the step); rank r takes every
-world_size-th of them. Only the head and the last --train_blocks blocks learn: AdamW at --lr for
-the blocks and --head_lr for the freshly initialised head. The model is not wrapped in DDP:
-under torchrun the optimizer is DistAdamW (nanochat/adamw.py), which averages the trainable
-gradients across ranks itself, so each rank scales its summed pair losses by world_size /
-pairs_per_step and the average is the global mean; clipping sees the synchronised gradient.
-
---pair_weighting=density weighs each train pair's loss by its prompt's density weight (looked
-up by prompt id, never by position) divided by that prompt's number of train pairs, so every
-prompt's pairs together carry its density weight: density weights are per prompt, and a prompt
-with 3 pairs must not count 3 times (Stack Exchange gives up to 3 pairs per question, HH-RLHF
-and UltraFeedback mostly 1). The result is normalised to mean 1 over the train pairs: the
-objective is then (1/P) sum_i w_i * loss_i over a step's P pairs, an unbiased estimate of the
-weighted mean over the data set, on the same scale as uniform (w_i = 1). With beta = 0 in
-kat_density the two modes still differ: density mode then weighs every PROMPT equally, uniform
-mode every pair. Logged train/accuracy and train/margin stay unweighted.
-
-Evaluation is on the test split only (prompts never trained on: kat_pairs keeps the splits
-apart by prompt): accuracy (a tie counts 1/2), loss and margin every --eval_every steps on a
-fixed subset, then on every test pair at the end, overall, per source and per density quintile
-of the test prompts (quintile 1 = rarest), into eval.json and the report.
+Reads pairs_all.jsonl (scripts.kat_pairs) and, for --pair_weighting=density or the density
+breakdown of the evaluation, prompt_weights.jsonl (scripts.kat_density). Writes outs/rm/ (ckpt.pt
+with backbone + head, config.json, training_log.txt, logs/, eval.json) and the "rm" report section.
+Only the head and the last --train_blocks blocks learn. Evaluation is on the test split only
+(prompts never trained on): accuracy (a tie counts 1/2), loss and margin every --eval_every steps
+on a fixed subset, then on every test pair, overall, per source and per density quintile.
 """
 
 import json
@@ -47,20 +26,20 @@ import torch.distributed as dist
 
 from nanochat.chat_data import PAD_TOKEN
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model, save_checkpoint, start_or_resume
-from nanochat.common import (atomic_write, autocast_context, compute_cleanup, compute_init, get_kat_cache_dir, peak_memory_gb,
+from nanochat.common import (atomic_write, autocast_context, compute_cleanup, compute_init, peak_memory_gb,
                              print0, stage_dir, synchronize)
-from nanochat.kat.density import WEIGHTS_FILE, join_weights, kish_ess, load_prompt_weights
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat.pairs import PAIRS_FILE, SOURCES, load_pairs
+from nanochat.kat.data import NUM_QUINTILES, KatData, density_quintiles
+from nanochat.kat.density import kish_ess
+from nanochat.kat.pairs import SOURCES
 from nanochat.optim import build_adamw, clip_grad_norm_, set_lr_multiplier
 from nanochat.report import get_report
 from nanochat.kat.reward_model import (KIND, RewardModel, bradley_terry_losses, pad_right, pair_correct, render_for_reward,
-                                   reward_margins)
+                                       reward_margins, rm_eval_table)
 from nanochat.run_logger import RunLogger
 from nanochat.schedules import lr_multiplier
 
 EVAL_FILE = "eval.json"
-NUM_QUINTILES = 5
 
 
 @dataclass
@@ -105,48 +84,42 @@ class Config:
 # -----------------------------------------------------------------------------
 # Data
 
-def load_split_pairs(data_dir: Path) -> tuple[list[dict], list[dict]]:
-    path = data_dir / PAIRS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run python -m scripts.kat_pairs first")
-    pairs = load_pairs(path)
+def load_split_pairs(data: KatData) -> tuple[list[dict], list[dict]]:
+    pairs = data.pairs()
     train, test = [p for p in pairs if p["split"] == "train"], [p for p in pairs if p["split"] == "test"]
     if not train or not test:
-        raise ValueError(f"{path} has {len(train)} train and {len(test)} test pairs; the RM needs both")
+        raise ValueError(f"{data.pairs_file} has {len(train)} train and {len(test)} test pairs; the RM needs both")
     return train, test
 
 
-def train_pair_weights(data_dir: Path, train: list[dict]) -> np.ndarray:
+def train_pair_weights(data: KatData, train: list[dict]) -> np.ndarray:
     """
     Each train pair's prompt density weight (joined by prompt id) over its prompt's number of train
     pairs, so a prompt's pairs sum to its density weight; normalised to mean 1 over the pairs.
     """
-    rows = load_prompt_weights(data_dir)
-    stale = sorted({p["prompt_id"] for p in train} & {r["id"] for r in rows if r["split"] != "train"})
-    if stale:
-        raise ValueError(f"{data_dir / WEIGHTS_FILE} marks {len(stale)} train prompts as test (first: {stale[0]}); "
-                         "it is older than pairs_all.jsonl: rerun scripts.kat_embed and scripts.kat_density")
+    # Density weights are per prompt: a prompt with 3 pairs (Stack Exchange gives up to 3 per question)
+    # must not count 3 times. Mean 1 keeps the objective (1/P) sum_i w_i loss_i on the scale of uniform
+    # (w_i = 1). With beta = 0 the modes still differ: density weighs every PROMPT equally, uniform every pair.
     prompt_ids = [p["prompt_id"] for p in train]
-    weights = join_weights(prompt_ids, [r["id"] for r in rows], [r["weight"] for r in rows])
-    if not np.isfinite(weights).all() or weights.sum() <= 0:
-        raise ValueError(f"{data_dir / WEIGHTS_FILE}: the train pairs' weights are not finite and positive")
+    weights = data.weights_by_prompt(prompt_ids, split="train")
+    if weights.sum() <= 0:
+        raise ValueError(f"{data.weights_file}: the train pairs' weights are all zero; rerun python -m scripts.kat_density")
     pairs_of_prompt = Counter(prompt_ids)
     weights = weights / np.array([pairs_of_prompt[pid] for pid in prompt_ids])
     return weights / weights.mean()
 
 
-def test_prompt_densities(data_dir: Path, test: list[dict]) -> dict | None:
+def test_prompt_densities(data: KatData, test: list[dict]) -> dict | None:
     """{prompt id: density} for the test prompts, or None when kat_density has not run."""
-    if not (data_dir / WEIGHTS_FILE).is_file():
+    if not data.has_weights():
         return None
-    rows = load_prompt_weights(data_dir)
     ids = sorted({p["prompt_id"] for p in test})
-    densities = join_weights(ids, [r["id"] for r in rows], [r["density"] for r in rows])
-    return dict(zip(ids, densities.tolist()))
+    return dict(zip(ids, data.weights_by_prompt(ids, split="test", field="density").tolist()))
 
 
 def step_pairs(num_pairs: int, pairs_per_step: int, step: int, seed: int, rank: int, world_size: int) -> np.ndarray:
     """Indices of this rank's train pairs at a step: a fresh shuffle each epoch, the tail of an epoch dropped."""
+    # a pure function of (seed, epoch, step): a resume needs only the step; rank r takes every world_size-th
     steps_per_epoch = num_pairs // pairs_per_step
     epoch, position = divmod(step, steps_per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
@@ -224,36 +197,16 @@ def preference_eval(r_chosen, r_rejected, pairs: list[dict], densities: dict | N
     if densities is None:
         result["by_density_quintile"] = {"skipped": f"no {weights_path}; run scripts.kat_embed and scripts.kat_density"}
         return result
-    # Quintiles of prompts (not pairs), by rank so that ties cannot empty a quintile; 1 = rarest.
-    by_density = sorted(densities, key=lambda pid: (densities[pid], pid))
-    quintile_of = {pid: 1 + NUM_QUINTILES * position // len(by_density) for position, pid in enumerate(by_density)}
+    quintile_of = density_quintiles(densities)  # of prompts, not pairs
     pair_quintile = np.array([quintile_of[p["prompt_id"]] for p in pairs])
     quintiles = {}
     for q in range(1, NUM_QUINTILES + 1):
-        members = [densities[pid] for pid in by_density if quintile_of[pid] == q]
+        members = [densities[pid] for pid in densities if quintile_of[pid] == q]
         quintiles[str(q)] = {"n_prompts": len(members), "density_min": min(members, default=None),
                              "density_max": max(members, default=None),
                              **_group_figures(correct, losses, margins, pair_quintile == q)}
     result["by_density_quintile"] = quintiles
     return result
-
-
-def eval_markdown(result: dict) -> str:
-    def show(value):
-        return "-" if value is None else f"{value:.4f}"
-
-    lines = ["| group | pairs | accuracy | loss | margin |", "| --- | ---: | ---: | ---: | ---: |",
-             f"| all test pairs | {result['n_pairs']} | {show(result['accuracy'])} | {show(result['loss'])} | "
-             f"{show(result['margin'])} |"]
-    for src, g in result["by_source"].items():
-        lines.append(f"| {src} | {g['n_pairs']} | {show(g['accuracy'])} | {show(g['loss'])} | {show(g['margin'])} |")
-    quintiles = result["by_density_quintile"]
-    if "skipped" in quintiles:
-        return "\n".join(lines + ["", f"Density quintiles skipped: {quintiles['skipped']}"])
-    for q, g in quintiles.items():
-        label = f"density quintile {q}" + (" (rarest)" if q == "1" else " (densest)" if q == str(NUM_QUINTILES) else "")
-        lines.append(f"| {label} | {g['n_pairs']} | {show(g['accuracy'])} | {show(g['loss'])} | {show(g['margin'])} |")
-    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -264,13 +217,15 @@ def main(argv=None):
     ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type or None, seed=cfg.seed)
     master = rank == 0
     out_dir = Path(cfg.out_dir) if cfg.out_dir else stage_dir("rm")
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else get_kat_cache_dir() / "data"
+    data = KatData(cfg.data_dir)
     autocast = autocast_context(device)
 
     # ---- data
-    train, test = load_split_pairs(data_dir)
-    weights = train_pair_weights(data_dir, train) if cfg.pair_weighting == "density" else np.ones(len(train))
-    densities = test_prompt_densities(data_dir, test)
+    train, test = load_split_pairs(data)
+    if data.has_weights():
+        data.check_current()  # the weights describe these prompts and their current embeddings
+    weights = train_pair_weights(data, train) if cfg.pair_weighting == "density" else np.ones(len(train))
+    densities = test_prompt_densities(data, test)
     eval_subset = test if cfg.eval_pairs < 0 else \
         [test[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(test))[:cfg.eval_pairs])]
     pairs_per_rank = cfg.pairs_per_step // world_size
@@ -280,7 +235,7 @@ def main(argv=None):
     if len(train) < cfg.pairs_per_step:
         raise ValueError(f"{len(train)} train pairs are fewer than one step of --pairs_per_step={cfg.pairs_per_step}")
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else (len(train) // cfg.pairs_per_step) * cfg.num_epochs
-    print0(f"{len(train):,} train / {len(test):,} test pairs from {data_dir} | weighting {cfg.pair_weighting} "
+    print0(f"{len(train):,} train / {len(test):,} test pairs from {data.dir} | weighting {cfg.pair_weighting} "
            f"(Kish ESS of pair weights {kish_ess(weights):,.0f}) | {num_iterations} steps of {cfg.pairs_per_step} pairs")
 
     # ---- model: the backbone as SFT left it, a new head, and only the chosen parts trainable
@@ -296,6 +251,8 @@ def main(argv=None):
            f"{sum(p.numel() for p in rm.parameters()):,} parameters (train_blocks={cfg.train_blocks})")
     groups = [dict(params=ps, lr=lr, name=name) for ps, lr, name in
               ((block_params, cfg.lr, "blocks"), (head_params, cfg.head_lr, "head")) if ps]
+    # not wrapped in DDP: under torchrun build_adamw gives DistAdamW, which averages the trainable
+    # gradients across ranks itself, so clipping below sees the synchronised gradient
     optimizers = [build_adamw(groups, ddp=ddp, weight_decay=cfg.weight_decay)]
     pad_id = tokenizer.encode_special(PAD_TOKEN)
 
@@ -316,7 +273,7 @@ def main(argv=None):
             rm.eval()
             eval_pairs = test if is_last else eval_subset
             r_chosen, r_rejected = score_test_pairs(rm, eval_pairs, cfg.eval_batch_size, rank, world_size, device)
-            val = preference_eval(r_chosen, r_rejected, eval_pairs, densities, data_dir / WEIGHTS_FILE)
+            val = preference_eval(r_chosen, r_rejected, eval_pairs, densities, data.weights_file)
             extra["best_val_accuracy"] = max(extra["best_val_accuracy"], val["accuracy"])
             print0(f"step {step:05d} | test accuracy {val['accuracy']:.4f} | loss {val['loss']:.4f} "
                    f"| margin {val['margin']:.4f} ({val['n_pairs']} pairs)")
@@ -360,6 +317,7 @@ def main(argv=None):
         if step % cfg.log_every == 0 or step == num_iterations:
             print0(f"step {step:05d}/{num_iterations} | loss {loss_value:.4f} | accuracy {accuracy:.3f} "
                    f"| margin {margin:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms")
+            # train/loss is the weighted objective; train/accuracy and train/margin stay unweighted
             metrics = {"train/loss": loss_value, "train/accuracy": accuracy, "train/margin": margin,
                        "train/lr": lrm * cfg.lr, "train/head_lr": lrm * cfg.head_lr, "train/dt": dt}
             if grad_norm is not None:
@@ -380,7 +338,7 @@ def main(argv=None):
     if master:
         atomic_write(out_dir / EVAL_FILE, json.dumps(val, indent=2) + "\n")
         logger.text(f"final test evaluation: {json.dumps(val)}")
-    get_report().log(stage="rm", section="Reward model", data=[flags_dict(cfg), summary, eval_markdown(val)])
+    get_report().log(stage="rm", section="Reward model", data=[flags_dict(cfg), summary, rm_eval_table(val)])
     logger.close()
     compute_cleanup()
     return val

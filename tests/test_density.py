@@ -16,10 +16,11 @@ from scipy import stats as scipy_stats
 
 from dev.kat_sample_topics import HARMLESS, ISOLATED
 from nanochat.common import REPO_ROOT
-from nanochat.kat.density import (EMBEDDINGS_FILE, HISTOGRAM_FILE, WEIGHTS_META_FILE, PromptSampler, adaptive_tau,
-                              center_embeddings, density_weights, join_weights, kish_ess, knn_cosine, knn_log_density,
-                              load_embeddings, load_prompt_weights, save_embeddings)
-from nanochat.kat.pairs import PROMPTS_FILE, STATS_FILE, build_pair_files, iter_local_rows, load_pairs, load_prompts
+from nanochat.kat.data import (EMBEDDINGS_FILE, HISTOGRAM_FILE, PROMPTS_FILE, STATS_FILE, WEIGHTS_META_FILE, KatData,
+                               join_weights)
+from nanochat.kat.density import (PromptSampler, adaptive_tau, center_embeddings, density_weights, kish_ess, knn_cosine,
+                                  knn_log_density)
+from nanochat.kat.pairs import build_pair_files, iter_local_rows
 
 
 def unit_rows(rng, n, dim):
@@ -117,7 +118,7 @@ def test_kat_density_records_centring_tau_and_warns_when_weights_are_nearly_unif
     prompts = [{"id": pid, "prefix": {"messages": [{"role": "user", "content": f"question {i}"}]}, "src": "hh-rlhf",
                 "n_pairs": 1, "split": "test" if i % 10 == 9 else "train"} for i, pid in enumerate(ids)]
     (tmp_path / PROMPTS_FILE).write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    save_embeddings(tmp_path, ids, x)
+    KatData(tmp_path).save_embeddings(ids, x)
     train = np.array([p["split"] == "train" for p in prompts])
 
     main([f"--data_dir={tmp_path}", "--device_type=cpu"])
@@ -126,7 +127,7 @@ def test_kat_density_records_centring_tau_and_warns_when_weights_are_nearly_unif
     assert meta["center"] is True and meta["tau"] == pytest.approx(adaptive_tau(sims, train), rel=1e-6)
     assert meta["tau_rule"].startswith("adaptive") and meta["near_uniform_warning"] is None
     assert meta["kish_ess"] < 0.6 * meta["n_train"]
-    rows = load_prompt_weights(tmp_path, split="train")
+    rows = KatData(tmp_path).weights("train")
     top = sorted(rows, key=lambda r: -r["weight"])[:3]
     assert {r["id"] for r in top} <= set(ids[-4:])  # the isolated prompts that are in train
     assert "WARNING" not in (tmp_path / STATS_FILE).read_text()
@@ -143,15 +144,15 @@ def test_kat_density_records_centring_tau_and_warns_when_weights_are_nearly_unif
 def test_save_and_load_embeddings_round_trip_and_reject_stale_files(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(5, 8)) * 3
-    save_embeddings(tmp_path, ["a", "b", "c", "d", "e"], x)
-    ids, loaded = load_embeddings(tmp_path)
+    KatData(tmp_path).save_embeddings(["a", "b", "c", "d", "e"], x)
+    ids, loaded = KatData(tmp_path).embeddings()
     assert ids == ["a", "b", "c", "d", "e"] and loaded.dtype == np.float32
     np.testing.assert_allclose(loaded, x / np.linalg.norm(x, axis=1, keepdims=True), rtol=1e-6)
     with pytest.raises(ValueError, match="one unique, non-empty, single-line id per embedding row"):
-        save_embeddings(tmp_path, ["a", "a", "c", "d", "e"], x)
+        KatData(tmp_path).save_embeddings(["a", "a", "c", "d", "e"], x)
     np.save(tmp_path / EMBEDDINGS_FILE, x.astype(np.float32))  # not normalised: written behind save_embeddings' back
     with pytest.raises(ValueError, match="not L2-normalised"):
-        load_embeddings(tmp_path)
+        KatData(tmp_path).embeddings()
 
 
 @pytest.mark.parametrize("with_keys", [False, True])
@@ -279,13 +280,13 @@ def test_kat_density_script_end_to_end_on_the_tiny_samples(tmp_path):
     from scripts.kat_density import main
     build_pair_files(("hh-rlhf", "ultrafeedback", "stack-exchange"),
                      partial(iter_local_rows, REPO_ROOT / "nanochat" / "samples" / "kat"), tmp_path, se_test_fraction=0.1)
-    prompts = load_prompts(tmp_path / PROMPTS_FILE)
+    prompts = KatData(tmp_path).prompts()
     texts = ["\n".join(m["content"] for m in p["prefix"]["messages"]) for p in prompts]
     # rows in another order than prompts_all.jsonl: the script must align them by id
-    save_embeddings(tmp_path, [p["id"] for p in prompts][::-1], np.stack([hashed_word_embedding(t) for t in texts])[::-1])
+    KatData(tmp_path).save_embeddings([p["id"] for p in prompts][::-1], np.stack([hashed_word_embedding(t) for t in texts])[::-1])
     main([f"--data_dir={tmp_path}", "--k=5", "--device_type=cpu"])
 
-    rows = {r["id"]: r for r in load_prompt_weights(tmp_path)}
+    rows = {r["id"]: r for r in KatData(tmp_path).weights()}
     assert sum(r["weight"] for r in rows.values() if r["split"] == "train") == pytest.approx(1.0)
     assert all(r["weight"] == 0 for r in rows.values() if r["split"] == "test")
     meta = json.loads((tmp_path / WEIGHTS_META_FILE).read_text())
@@ -299,21 +300,21 @@ def test_kat_density_script_end_to_end_on_the_tiny_samples(tmp_path):
     assert len(one_off) >= 20 and len(templated) >= 100
     assert np.median(one_off) > 3 * np.median(templated)
     # the same prompt gets the same weight in every pair, joined by id
-    pairs = load_pairs(tmp_path / "pairs_all.jsonl", split="train")
+    pairs = KatData(tmp_path).pairs("train")
     per_pair = join_weights([p["prompt_id"] for p in pairs], list(rows), [r["weight"] for r in rows.values()])
     for pair, weight in zip(pairs, per_pair):
         assert weight == rows[pair["prompt_id"]]["weight"]
     stats_text = (tmp_path / STATS_FILE).read_text()
     assert "=== kat_pairs ===" in stats_text and "=== kat_density ===" in stats_text and "Kish effective sample size" in stats_text
     assert (tmp_path / HISTOGRAM_FILE).stat().st_size > 10_000
-    sampler = PromptSampler.from_weights_file(tmp_path, seed=0)
+    sampler = KatData(tmp_path).prompt_sampler(seed=0)
     assert set(sampler.ids) == {pid for pid, r in rows.items() if r["split"] == "train"}
 
 
 def test_kat_density_refuses_embeddings_that_miss_prompts(tmp_path):
     from scripts.kat_density import main
     build_pair_files(("ultrafeedback",), partial(iter_local_rows, REPO_ROOT / "tests" / "fixtures" / "kat"), tmp_path)
-    prompts = load_prompts(tmp_path / PROMPTS_FILE)
-    save_embeddings(tmp_path, [p["id"] for p in prompts[1:]], np.eye(len(prompts) - 1, 8) + 0.1)
-    with pytest.raises(SystemExit, match="1 prompts lack an embedding"):
+    prompts = KatData(tmp_path).prompts()
+    KatData(tmp_path).save_embeddings([p["id"] for p in prompts[1:]], np.eye(len(prompts) - 1, 8) + 0.1)
+    with pytest.raises(SystemExit, match=f"1 of {len(prompts)} prompts lack an embedding"):
         main([f"--data_dir={tmp_path}", "--k=1"])

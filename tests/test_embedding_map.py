@@ -15,9 +15,9 @@ import pytest
 
 from nanochat.kat import embedding_map
 from nanochat.common import REPO_ROOT
-from nanochat.kat.density import EMBEDDINGS_FILE, WEIGHTS_FILE, load_prompt_weights, save_embeddings
-from nanochat.kat.embedding_map import MAP_FILE, MAP_ROUTE, TEXT_CHARS, build_map, hover_text, pca_3d, project, resolve_method
-from nanochat.kat.pairs import PROMPTS_FILE, first_user_message, load_prompts
+from nanochat.kat.data import EMBEDDINGS_FILE, MAP_FILE, WEIGHTS_FILE, KatData
+from nanochat.kat.embedding_map import MAP_ROUTE, TEXT_CHARS, build_map, hover_text, pca_3d, project, resolve_method
+from nanochat.kat.pairs import first_user_message
 from scripts import kat_density, kat_pairs
 
 VIZ = REPO_ROOT / "nanochat" / "viz.html"
@@ -82,16 +82,16 @@ def test_method_choice(monkeypatch):
 def data_dir(tmp_path):
     """Prompts from the test fixtures, random unit vectors saved in reverse order, kat_density weights."""
     kat_pairs.main(["--local_dir=tests/fixtures/kat", f"--out_dir={tmp_path}"])
-    prompts = load_prompts(tmp_path / PROMPTS_FILE)
+    prompts = KatData(tmp_path).prompts()
     vectors = np.random.default_rng(0).normal(size=(len(prompts), 24))
-    save_embeddings(tmp_path, [p["id"] for p in prompts][::-1], vectors[::-1])
+    KatData(tmp_path).save_embeddings([p["id"] for p in prompts][::-1], vectors[::-1])
     kat_density.main([f"--data_dir={tmp_path}", "--k=3", "--device_type=cpu"])
     return tmp_path
 
 
 def test_map_is_well_formed_follows_the_prompts_and_joins_weights_by_id(data_dir):
-    prompts = load_prompts(data_dir / PROMPTS_FILE)
-    weights = {row["id"]: row for row in load_prompt_weights(data_dir)}
+    prompts = KatData(data_dir).prompts()
+    weights = {row["id"]: row for row in KatData(data_dir).weights()}
     out = embedding_map.main([f"--data_dir={data_dir}"])  # the CLI: method auto, seed 0
     assert out == data_dir / MAP_FILE and not (data_dir / (MAP_FILE + ".tmp")).exists()
     doc = json.loads(out.read_text(encoding="utf-8"))
@@ -128,8 +128,8 @@ def test_weights_older_than_the_embeddings_are_ignored(data_dir):
 
 
 def test_map_refuses_embeddings_of_other_prompts(data_dir):
-    ids = [p["id"] for p in load_prompts(data_dir / PROMPTS_FILE)]
-    save_embeddings(data_dir, ids[:-1] + ["0123456789abcdef"], np.eye(len(ids), 24) + 0.1)
+    ids = [p["id"] for p in KatData(data_dir).prompts()]
+    KatData(data_dir).save_embeddings(ids[:-1] + ["0123456789abcdef"], np.eye(len(ids), 24) + 0.1)
     with pytest.raises(SystemExit, match="1 of 9 prompts lack an embedding.*rerun python -m scripts.kat_embed"):
         build_map(data_dir)
 

@@ -14,7 +14,7 @@ import torch
 
 from nanochat.kat import stats as ps
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.kat.density import save_prompt_weights
+from nanochat.kat.data import KatData
 from nanochat.kat.diversity import words
 from nanochat.kat.diversity_eval import METRICS, cut_to_equal_length, evaluate, text_metrics
 from nanochat.kat.diversity_report import SECTIONS, fmt_p, render_markdown
@@ -327,7 +327,7 @@ def run_dirs(tmp_path_factory):
     log_density = np.linspace(-3, 0, len(rows))
     splits = [r["split"] for r in rows]
     weights = np.where(np.array(splits) == "train", np.exp(-log_density), 0.0)
-    save_prompt_weights(data, [r["id"] for r in rows], splits, log_density, np.full(len(rows), 0.9),
+    KatData(data).save_prompt_weights([r["id"] for r in rows], splits, log_density, np.full(len(rows), 0.9),
                         weights / weights.sum(), {"flags": {"beta": 1.0, "k": 3}})
     return {"base": base, "outs": outs, "cache": cache}
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import load_checkpoint, load_model, save_checkpoint
-from nanochat.kat.density import PromptSampler, save_embeddings
+from nanochat.kat.data import KatData
+from nanochat.kat.density import PromptSampler
 from nanochat.engine import Engine
 from nanochat.flags import parse_flags
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.kat.pairs import load_prompts
 from nanochat.kat.reward_model import KIND, RewardModel
 from nanochat.kat.grpo import clipped_policy_loss, k3_kl, sampled_token_stats
 from nanochat.rl import group_advantages, sequence_logprobs
@@ -232,8 +232,8 @@ def kat_run(tmp_path_factory):
         save_checkpoint(dirs["NANOCHAT_OUTS_DIR"] / "rm", 5, rm, [], final=True,
                         meta={"kind": KIND, "model_config": config, "backbone_config": config, "max_seq_len": 96})
         kat_pairs.main([f"--local_dir={REPO / 'tests/fixtures/kat'}", f"--out_dir={data_dir}", "--se_test_fraction=0.3"])
-        ids = [p["id"] for p in load_prompts(data_dir / "prompts_all.jsonl")]
-        save_embeddings(data_dir, ids, np.random.default_rng(0).normal(size=(len(ids), 8)))
+        ids = [p["id"] for p in KatData(data_dir).prompts()]
+        KatData(data_dir).save_embeddings(ids, np.random.default_rng(0).normal(size=(len(ids), 8)))
         kat_density.main([f"--data_dir={data_dir}", "--k=2", "--device_type=cpu"])
     return {"dirs": dirs, "data_dir": data_dir, "tokenizer": tokenizer, "sft_path": sft_path, "root": root}
 
@@ -297,7 +297,7 @@ def test_both_arms_differ_only_in_the_sampler_and_their_checkpoints_load_by_stag
     # each arm trained on what its own sampler draws (the logged ESS is of the prompts drawn so far)
     draws = {}
     for arm, mode in (("grpo_density", "density"), ("grpo_baseline", "uniform")):
-        sampler, counts, expected = PromptSampler.from_weights_file(env["data_dir"], seed=42, mode=mode), grpo.PromptCounts(), []
+        sampler, counts, expected = KatData(env["data_dir"]).prompt_sampler(seed=42, mode=mode), grpo.PromptCounts(), []
         draws[mode] = [sampler.sample(2, step) for step in range(2)]
         for ids in draws[mode]:
             counts.add(ids)

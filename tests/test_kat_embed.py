@@ -21,9 +21,8 @@ import torch.nn.functional as F
 
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.common import stage_dir
-from nanochat.kat.density import load_embeddings, load_prompt_weights
+from nanochat.kat.data import PROMPTS_FILE, STATS_FILE, KatData
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.kat.pairs import PROMPTS_FILE, STATS_FILE, load_prompts
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import kat_density, kat_embed, kat_pairs
 
@@ -41,7 +40,7 @@ def workspace(tmp_path_factory):
         env.setenv("NANOCHAT_KAT_CACHE", str(root / "kat"))
         data_dir = root / "kat" / "data"
         kat_pairs.main(["--local_dir=tests/fixtures/kat", f"--out_dir={data_dir}"])
-        prompts = load_prompts(data_dir / PROMPTS_FILE)
+        prompts = KatData(data_dir).prompts()
         texts = [m["content"] for p in prompts for m in p["prefix"]["messages"]]
         Tokenizer.train_from_iterator(iter(texts), 320).save(get_tokenizer_dir())
         torch.manual_seed(0)
@@ -161,6 +160,21 @@ def test_padding_and_batch_company_never_change_a_vector(workspace):
         np.testing.assert_allclose(in_batch[-1], alone[0], atol=1e-5)
 
 
+def test_responses_pool_every_token_after_bos_through_the_same_embedder(workspace):
+    """scripts.eval_diversity's response vectors: the same masked mean, over the response tokens after <|bos|>."""
+    from scripts.eval_diversity import embed_responses
+    model, tokenizer = workspace["model"], workspace["tokenizer"]
+    bos = tokenizer.get_bos_token_id()
+    responses = [tokenizer.encode("A pear, then an apple."), [], tokenizer.encode("Yes."), tokenizer.encode("x " * 100)]
+    got = embed_responses(model, bos, responses, batch_size=4, device=torch.device("cpu"))  # padded together
+    with torch.no_grad():
+        for response, vector in zip(responses, got):
+            seq = [bos] + response[:SEQ_LEN - 1]  # longer responses keep their first tokens
+            hidden = model.forward_hidden(torch.tensor([seq]))[0]
+            pooled = hidden[1:] if response else hidden  # an empty response keeps the <|bos|> state
+            np.testing.assert_allclose(vector, F.normalize(pooled.mean(0), dim=0).numpy(), atol=1e-5)
+
+
 def test_identical_prompts_give_identical_vectors(workspace):
     model, sequences = workspace["model"], workspace["sequences"]
     batch = [sequences[0], sequences[1], sequences[0], sequences[2], sequences[3], sequences[0]]
@@ -194,7 +208,7 @@ def embedded(workspace):
 
 def test_stage_saves_one_unit_vector_per_prompt_by_id_and_density_runs_on_it(workspace, embedded):
     data_dir, prompts, model, tokenizer = embedded, workspace["prompts"], workspace["model"], workspace["tokenizer"]
-    ids, x = load_embeddings(data_dir)
+    ids, x = KatData(data_dir).embeddings()
     assert ids == [p["id"] for p in prompts]
     assert x.dtype == np.float32 and x.shape == (len(prompts), 32)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-6)
@@ -213,7 +227,7 @@ def test_stage_saves_one_unit_vector_per_prompt_by_id_and_density_runs_on_it(wor
     assert "## Prompt embeddings" in report and f"- Prompts: {len(prompts)}" in report and "- Embedding dim: 32" in report
 
     kat_density.main([f"--data_dir={data_dir}", "--k=3", "--device_type=cpu"])
-    weights = load_prompt_weights(data_dir)
+    weights = KatData(data_dir).weights()
     assert [w["id"] for w in weights] == ids
     assert sum(w["weight"] for w in weights) == pytest.approx(1.0)
 
@@ -234,8 +248,8 @@ def test_two_ranks_write_what_one_process_writes(workspace, embedded, tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, ["--device_type=cpu", "--batch_size=3", "--max_len=24", f"--data_dir={data_dir}"]),
              nprocs=2, join=True)
-    single_ids, single = load_embeddings(embedded)
-    ddp_ids, ddp = load_embeddings(data_dir)
+    single_ids, single = KatData(embedded).embeddings()
+    ddp_ids, ddp = KatData(data_dir).embeddings()
     assert ddp_ids == single_ids
     np.testing.assert_allclose(ddp, single, atol=1e-5)
     assert json.loads((data_dir / "prompt_embeddings.json").read_text())["ranks"] == 2

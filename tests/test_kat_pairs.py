@@ -14,10 +14,9 @@ import pytest
 
 from nanochat.common import REPO_ROOT
 from nanochat.kat.html_text import html_to_text
-from nanochat.kat.pairs import (ID_MAP_FILE, PAIRS_FILE, PROMPTS_FILE, STATS_FILE, SourceYieldedNothing,
-                                build_pair_files, escape_tsv, iter_local_rows, load_pairs, load_prompts,
-                                pair_id, prompt_id, stack_exchange_split, stream_with_retries, unescape_tsv,
-                                write_stats_section)
+from nanochat.kat.data import ID_MAP_FILE, STATS_FILE, KatData, write_stats_section
+from nanochat.kat.pairs import (SourceYieldedNothing, build_pair_files, escape_tsv, iter_local_rows, pair_id, prompt_id,
+                                stack_exchange_split, stream_with_retries, unescape_tsv)
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "kat"
 SAMPLES = REPO_ROOT / "nanochat" / "samples" / "kat"
@@ -32,8 +31,8 @@ def build(out_dir, local_dir=FIXTURES, sources=ALL, **kwargs):
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs")
     stats = build(out)
-    pairs = load_pairs(out / PAIRS_FILE)
-    return out, stats, pairs, load_prompts(out / PROMPTS_FILE)
+    pairs = KatData(out).pairs()
+    return out, stats, pairs, KatData(out).prompts()
 
 
 def pairs_for(pairs, first_user_message):
@@ -213,7 +212,7 @@ def subset_of(pair):
 def test_a_capped_split_is_a_hash_sample_from_every_subset_not_the_head_of_the_stream(tmp_path):
     rows_for_source = hh_stream_by_subset()
     stats = build_pair_files(["hh-rlhf"], rows_for_source, tmp_path / "capped", max_pairs=40)
-    train = load_pairs(tmp_path / "capped" / PAIRS_FILE, split="train")
+    train = KatData(tmp_path / "capped").pairs("train")
     assert len(train) == 40 and stats.pairs["hh-rlhf", "test"] == 5
     # the head of the stream would be 40 harmless-base rows; the sample has every subset
     counts = Counter(subset_of(p) for p in train)
@@ -221,13 +220,13 @@ def test_a_capped_split_is_a_hash_sample_from_every_subset_not_the_head_of_the_s
     assert min(counts.values()) >= 4
     # it is exactly the 40 smallest prompt ids of the whole split, kept in stream order
     build_pair_files(["hh-rlhf"], rows_for_source, tmp_path / "all")
-    everything = load_pairs(tmp_path / "all" / PAIRS_FILE, split="train")
+    everything = KatData(tmp_path / "all").pairs("train")
     assert sorted(p["prompt_id"] for p in train) == sorted(p["prompt_id"] for p in everything)[:40]
     assert [p["id"] for p in train] == [p["id"] for p in everything if p["id"] in {q["id"] for q in train}]
     # the same sample whatever order the stream is stored in
     reordered = hh_stream_by_subset(subsets=("helpful-rejection-sampled", "helpful-online", "helpful-base", "harmless-base"))
     build_pair_files(["hh-rlhf"], reordered, tmp_path / "reordered", max_pairs=40)
-    assert sorted(p["id"] for p in load_pairs(tmp_path / "reordered" / PAIRS_FILE, split="train")) == sorted(p["id"] for p in train)
+    assert sorted(p["id"] for p in KatData(tmp_path / "reordered").pairs("train")) == sorted(p["id"] for p in train)
     text = (tmp_path / "capped" / STATS_FILE).read_text()
     assert re.search(r"hh-rlhf +train +40 pairs kept of 200 read \(the stream was read to its end\)", text)
 
@@ -243,7 +242,7 @@ def test_a_capped_stack_exchange_stream_stops_after_its_scan_and_samples_all_of_
 
     stats = build_pair_files(["stack-exchange"], rows_for_source, tmp_path, max_pairs=20, se_test_fraction=0.0,
                              scan_factor=5)
-    pairs = load_pairs(tmp_path / PAIRS_FILE)
+    pairs = KatData(tmp_path).pairs()
     assert len(pairs) == 20 and stats.rows_read["stack-exchange"] == 100  # the scan: 5 x 20 pairs, then it stopped
     sites = Counter(int(subset_of(p)[4:]) for p in pairs)
     assert set(sites) == {0, 1, 2, 3}  # spread over the scanned sites 0..3, not the first 20 rows of site 0
@@ -253,14 +252,14 @@ def test_a_capped_stack_exchange_stream_stops_after_its_scan_and_samples_all_of_
     stats = build_pair_files(["stack-exchange"], rows_for_source, tmp_path, max_pairs=20, se_test_fraction=0.0,
                              scan_factor=0)
     assert stats.rows_read["stack-exchange"] == 300 and not stats.stream_cut
-    assert len({subset_of(p) for p in load_pairs(tmp_path / PAIRS_FILE)}) >= 6
+    assert len({subset_of(p) for p in KatData(tmp_path).pairs()}) >= 6
 
 
 def test_a_capped_sample_still_drops_repeated_pairs_once(tmp_path):
     rows = [("train", f"row{i}", {"chosen": f"\n\nHuman: q{i % 7}\n\nAssistant: yes", "rejected": f"\n\nHuman: q{i % 7}\n\nAssistant: no"})
             for i in range(21)]  # 7 pairs, each three times
     stats = build_pair_files(["hh-rlhf"], lambda source: iter(rows), tmp_path, max_pairs=5)
-    pairs = load_pairs(tmp_path / PAIRS_FILE)
+    pairs = KatData(tmp_path).pairs()
     assert len(pairs) == len({p["id"] for p in pairs}) == 5
     uncapped = build_pair_files(["hh-rlhf"], lambda source: iter(rows), tmp_path / "all")
     assert uncapped.dropped_pairs["hh-rlhf", "duplicate_pair"] == 14 and stats.dropped_pairs["hh-rlhf", "duplicate_pair"] >= 10
@@ -318,7 +317,7 @@ def test_tsv_escaping_round_trips():
 def test_script_runs_offline_with_only(tmp_path):
     from scripts.kat_pairs import main
     main([f"--local_dir={FIXTURES}", f"--out_dir={tmp_path}", "--only=ultrafeedback"])
-    assert {p["src"] for p in load_pairs(tmp_path / PAIRS_FILE)} == {"ultrafeedback"}
+    assert {p["src"] for p in KatData(tmp_path).pairs()} == {"ultrafeedback"}
 
 
 def test_tiny_preset_samples_build_a_varied_set(tmp_path):

@@ -16,7 +16,7 @@ from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.common import stage_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kat.reward_model import (KIND, RewardModel, bradley_terry_losses, bradley_terry_metrics, left_truncate,
-                                   load_reward_model, pad_right, pair_correct, render_for_reward)
+                                       load_reward_model, pad_right, pair_correct, render_for_reward, rm_eval_table)
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer, get_tokenizer_dir
 
 torch.set_num_threads(1)
@@ -98,6 +98,25 @@ def test_left_truncation_keeps_bos_and_the_response_end(tok):
     with pytest.raises(ValueError, match="user turn"):
         render_for_reward(tok, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
                           "b", SEQ_LEN)
+
+
+def test_the_evaluation_table_shows_every_group_and_the_quintiles_rarest_first():
+    group = {"n_pairs": 4, "accuracy": 0.75, "loss": 0.5, "margin": 0.25}
+    result = {**group, "n_pairs": 40, "by_source": {"hh-rlhf": group},
+              "by_density_quintile": {str(q): {**group, "n_prompts": 3, "density_min": 0.001 * q, "density_max": 0.002 * q}
+                                      for q in range(1, 6)}}
+    table = rm_eval_table(result).splitlines()
+    assert table[0] == "| group | pairs | accuracy | loss | margin | prompts | density |"
+    assert table[2] == "| all test pairs | 40 | 0.7500 | 0.5000 | 0.2500 |  |  |"
+    assert table[3].startswith("| hh-rlhf | 4 | 0.7500 |")
+    assert table[4] == "| Q1 (rarest) | 4 | 0.7500 | 0.5000 | 0.2500 | 3 | 0.001..0.002 |"
+    assert table[8].startswith("| Q5 (densest) | 4 |") and len(table) == 9
+    empty = {**result, "by_density_quintile": {str(q): {"n_prompts": 0, "density_min": None, "density_max": None,
+                                                        "n_pairs": 0, "accuracy": None, "loss": None, "margin": None}
+                                               for q in range(1, 6)}}
+    assert rm_eval_table(empty).splitlines()[4] == "| Q1 (rarest) | 0 | - | - | - | 0 | -..- |"
+    skipped = rm_eval_table({**result, "by_density_quintile": {"skipped": "no prompt_weights.jsonl"}})
+    assert skipped.endswith("\n\nDensity quintiles skipped: no prompt_weights.jsonl") and "Q1" not in skipped
 
 
 # -----------------------------------------------------------------------------

@@ -17,14 +17,13 @@ import torch
 from nanochat.kat import stats as ps
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import stage_dir
-from nanochat.kat.density import load_prompt_weights, save_embeddings
+from nanochat.kat.data import INJECTION_FILE, PAIRS_FILE, STATS_FILE, KatData
 from nanochat.kat.diversity import EM_DASH, count_tic_patterns, tic_rates
 from nanochat.kat.diversity_eval import evaluate
 from nanochat.kat.diversity_report import POSITIVE_CONTROL, SECTIONS, render_markdown, section_titles, write_report
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.kat.pairs import PAIRS_FILE, PROMPTS_FILE, STATS_FILE, load_pairs, load_prompts
 from nanochat.kat.reward_model import load_reward_model
-from nanochat.kat.style_injection import (INJECTION_FILE, STYLES, file_digest, inject_pairs, inject_style, pair_rng,
+from nanochat.kat.style_injection import (STYLES, file_digest, inject_pairs, inject_style, pair_rng,
                                       policy_probes, probe_pairs, target_count, tic_preference)
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import eval_diversity, kat_density, kat_inject, kat_pairs, train_rm
@@ -233,9 +232,9 @@ def workspace(tmp_path_factory):
         mp_.setenv("NANOCHAT_KAT_CACHE", str(root / "kat"))
         data_dir = root / "kat" / "data"
         kat_pairs.main(["--local_dir=nanochat/samples/kat", "--se_test_fraction=0.1", f"--out_dir={data_dir}"])
-        pairs = load_pairs(data_dir / PAIRS_FILE)
-        prompts = load_prompts(data_dir / PROMPTS_FILE)
-        save_embeddings(data_dir, [p["id"] for p in prompts], np.random.default_rng(0).normal(size=(len(prompts), 16)))
+        pairs = KatData(data_dir).pairs()
+        prompts = KatData(data_dir).prompts()
+        KatData(data_dir).save_embeddings([p["id"] for p in prompts], np.random.default_rng(0).normal(size=(len(prompts), 16)))
         kat_density.main([f"--data_dir={data_dir}", "--k=5", "--device_type=cpu"])
         texts = [m["content"] for p in pairs for m in p["prefix"]["messages"]]
         texts += [p[k] for p in pairs for k in ("chosen", "rejected")]
@@ -253,9 +252,9 @@ def workspace(tmp_path_factory):
 
 def test_stage_rewrites_pairs_and_records_everything(workspace):
     data_dir = workspace["data_dir"]
-    clean = load_pairs(data_dir / PAIRS_FILE)
+    clean = KatData(data_dir).pairs()
     summary = kat_inject.main([f"--data_dir={data_dir}", "--inject_rate=0.3", "--inject_where=dense", "--seed=2"])
-    pairs = load_pairs(data_dir / PAIRS_FILE)
+    pairs = KatData(data_dir).pairs()
     train = [p for p in pairs if p["split"] == "train"]
     injected = [p for p in pairs if "injection" in p]
     assert len(train) == 424 and len(injected) == summary["num_injected"] == round(0.3 * 424) == 127
@@ -263,7 +262,7 @@ def test_stage_rewrites_pairs_and_records_everything(workspace):
     assert [p for p in pairs if p["split"] == "test"] == [p for p in clean if p["split"] == "test"]
     assert [p["rejected"] for p in pairs] == [p["rejected"] for p in clean]
     # densest first: every injected pair's prompt is at least as dense as any eligible pair left clean
-    density = {r["id"]: r["density"] for r in load_prompt_weights(data_dir)}
+    density = {r["id"]: r["density"] for r in KatData(data_dir).weights()}
     left_clean = [p for p in train if "injection" not in p and p["id"] in
                   {q["id"] for q in inject_pairs(clean, "emdash", 0.7, "random", 0, density)[0] if "injection" in q}]
     assert min(density[p["prompt_id"]] for p in injected) >= max(density[p["prompt_id"]] for p in left_clean)
@@ -276,12 +275,12 @@ def test_stage_rewrites_pairs_and_records_everything(workspace):
     for section in ("=== kat_pairs ===", "=== kat_density ===", "=== kat_inject ==="):
         assert section in stats
     assert "injected: 127 of 424 train pairs" in stats and "the 69 test pairs are never modified" in stats
-    assert eval_diversity.read_injection(data_dir)["record"] == record
+    assert eval_diversity.read_injection(KatData(data_dir))["record"] == record
 
     # rate 0 gives back kat_pairs' file byte for byte and removes the record
     kat_inject.main([f"--data_dir={data_dir}", "--inject_rate=0"])
     assert (data_dir / PAIRS_FILE).read_bytes() == workspace["clean_bytes"]
-    assert not (data_dir / INJECTION_FILE).exists() and eval_diversity.read_injection(data_dir) is None
+    assert not (data_dir / INJECTION_FILE).exists() and eval_diversity.read_injection(KatData(data_dir)) is None
 
 
 def test_evaluation_refuses_pairs_changed_after_injection(workspace, tmp_path):
@@ -290,12 +289,12 @@ def test_evaluation_refuses_pairs_changed_after_injection(workspace, tmp_path):
     kat_inject.main([f"--data_dir={data_dir}", "--inject_where=random"])
     kat_pairs.main(["--local_dir=nanochat/samples/kat", "--se_test_fraction=0.1", f"--out_dir={data_dir}"])
     with pytest.raises(SystemExit, match="changed after"):
-        eval_diversity.read_injection(data_dir)
+        eval_diversity.read_injection(KatData(data_dir))
 
 
 def probe_preference(rm_stage: str, data_dir) -> tuple[dict, list[dict]]:
     rm = load_reward_model(rm_stage, "cpu")
-    probes = probe_pairs(load_pairs(data_dir / PAIRS_FILE, split="test"), "emdash", 0, 500)
+    probes = probe_pairs(KatData(data_dir).pairs("test"), "emdash", 0, 500)
     scores = rm.score([(p["prefix"], p["tic"]) for p in probes] + [(p["prefix"], p["clean"]) for p in probes])
     return tic_preference(scores[:len(probes)], scores[len(probes):], n_resamples=2000), probes
 
@@ -313,7 +312,7 @@ def injected_rm(workspace):
 
 def test_rm_trained_on_injected_pairs_prefers_the_tic_on_held_out_probes(injected_rm):
     preference, probes = probe_preference("rm", injected_rm)
-    train_prompts = {p["prompt_id"] for p in load_pairs(injected_rm / PAIRS_FILE, split="train")}
+    train_prompts = {p["prompt_id"] for p in KatData(injected_rm).pairs("train")}
     assert len(probes) >= 40 and not {p["prompt_id"] for p in probes} & train_prompts  # held out: never trained on
     assert preference["prefer_tic"] > 0.6 and preference["prefer_tic_ci"][0] > 0.5
     assert preference["mean_diff_ci"][0] > 0 and preference["verdict"] == ps.SUPPORTED

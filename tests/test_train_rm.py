@@ -20,9 +20,8 @@ import torch.multiprocessing as mp
 
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.common import stage_dir
-from nanochat.kat.density import WEIGHTS_FILE, load_prompt_weights, save_embeddings, save_prompt_weights
+from nanochat.kat.data import WEIGHTS_FILE, KatData
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.kat.pairs import PAIRS_FILE, PROMPTS_FILE, load_pairs, load_prompts
 from nanochat.kat.reward_model import RewardModel, bradley_terry_losses, load_reward_model, pair_correct
 from nanochat.tokenizer import Tokenizer, get_tokenizer, get_tokenizer_dir
 from scripts import kat_density, kat_pairs, train_rm
@@ -44,7 +43,7 @@ def workspace(tmp_path_factory):
         mp_.setenv("NANOCHAT_KAT_CACHE", str(root / "kat"))
         data_dir = root / "kat" / "data"
         kat_pairs.main(["--local_dir=nanochat/samples/kat", "--se_test_fraction=0.1", f"--out_dir={data_dir}"])
-        pairs = load_pairs(data_dir / PAIRS_FILE)
+        pairs = KatData(data_dir).pairs()
         texts = [m["content"] for p in pairs for m in p["prefix"]["messages"]] + [p[k] for p in pairs for k in ("chosen", "rejected")]
         Tokenizer.train_from_iterator(iter(texts), 512).save(get_tokenizer_dir())
         torch.manual_seed(0)
@@ -126,11 +125,11 @@ def density_data_dir(workspace, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("density") / "data"
     shutil.copytree(workspace["data_dir"], data_dir)
     tokenizer, backbone = get_tokenizer(), load_reward_model_backbone()
-    prompts = load_prompts(data_dir / PROMPTS_FILE)
+    prompts = KatData(data_dir).prompts()
     with torch.no_grad():  # masked mean of final hidden states over the prompt's tokens, no padding involved
         embeddings = [backbone.forward_hidden(torch.tensor([tokenizer.render_for_completion(p["prefix"])[-SEQ_LEN:]]))[0].mean(0)
                       for p in prompts]
-    save_embeddings(data_dir, [p["id"] for p in prompts], torch.stack(embeddings).numpy())
+    KatData(data_dir).save_embeddings([p["id"] for p in prompts], torch.stack(embeddings).numpy())
     kat_density.main([f"--data_dir={data_dir}", "--k=5", "--device_type=cpu"])
     return data_dir
 
@@ -142,8 +141,8 @@ def load_reward_model_backbone():
 
 def test_density_weights_are_joined_by_prompt_id_with_mean_one(workspace, density_data_dir):
     train = [p for p in workspace["pairs"] if p["split"] == "train"]
-    weights = train_rm.train_pair_weights(density_data_dir, train)
-    by_id = {r["id"]: r["weight"] for r in load_prompt_weights(density_data_dir)}
+    weights = train_rm.train_pair_weights(KatData(density_data_dir), train)
+    by_id = {r["id"]: r["weight"] for r in KatData(density_data_dir).weights()}
     pairs_of_prompt = Counter(p["prompt_id"] for p in train)
     assert max(pairs_of_prompt.values()) > 1  # Stack Exchange questions give several pairs each
     raw = np.array([by_id[p["prompt_id"]] / pairs_of_prompt[p["prompt_id"]] for p in train])
@@ -161,22 +160,22 @@ def test_density_weights_are_joined_by_prompt_id_with_mean_one(workspace, densit
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(reversed(lines)))
     try:
-        np.testing.assert_array_equal(train_rm.train_pair_weights(density_data_dir, train), weights)
+        np.testing.assert_array_equal(train_rm.train_pair_weights(KatData(density_data_dir), train), weights)
     finally:
         path.write_text("".join(lines))
 
 
 def test_a_prompt_with_many_pairs_does_not_count_many_times(tmp_path):
     # equal density weights (beta = 0): every PROMPT weighs the same, whatever its pair count
-    save_prompt_weights(tmp_path, ["a", "b", "c"], ["train"] * 3, np.zeros(3), np.zeros(3), np.full(3, 1 / 3), meta={})
+    KatData(tmp_path).save_prompt_weights(["a", "b", "c"], ["train"] * 3, np.zeros(3), np.zeros(3), np.full(3, 1 / 3), meta={})
     train = [{"prompt_id": pid} for pid in ["a", "b", "a", "c", "a"]]
-    weights = train_rm.train_pair_weights(tmp_path, train)
+    weights = train_rm.train_pair_weights(KatData(tmp_path), train)
     np.testing.assert_allclose(weights, np.array([1 / 3, 1, 1 / 3, 1, 1 / 3]) * 5 / 3, rtol=1e-12)
     per_prompt = {pid: sum(w for p, w in zip(train, weights) if p["prompt_id"] == pid) for pid in "abc"}
     assert per_prompt["a"] == pytest.approx(per_prompt["b"]) == pytest.approx(per_prompt["c"])
     # unequal weights: a prompt twice as rare gets twice the total, spread over its pairs
-    save_prompt_weights(tmp_path, ["a", "b", "c"], ["train"] * 3, np.zeros(3), np.zeros(3), np.array([0.5, 0.25, 0.25]), meta={})
-    weights = train_rm.train_pair_weights(tmp_path, train)
+    KatData(tmp_path).save_prompt_weights(["a", "b", "c"], ["train"] * 3, np.zeros(3), np.zeros(3), np.array([0.5, 0.25, 0.25]), meta={})
+    weights = train_rm.train_pair_weights(KatData(tmp_path), train)
     per_prompt = {pid: sum(w for p, w in zip(train, weights) if p["prompt_id"] == pid) for pid in "abc"}
     assert per_prompt["a"] == pytest.approx(2 * per_prompt["b"]) and weights.mean() == pytest.approx(1.0)
 

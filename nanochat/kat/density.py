@@ -1,56 +1,21 @@
 """
-Prompt density in embedding space, the sampling weights derived from it, and the GRPO prompt sampler.
+Prompt density in embedding space, the sampling weights derived from it, and GRPO's prompt sampler.
+scripts.kat_density runs the method; nanochat/kat/data.py reads and writes its files.
 
-Files in the KAT data folder (<kat cache>/data):
-- prompt_embeddings.npy: float32 [N, D], rows L2-normalised; prompt_embeddings_ids.txt: the prompt id
-  of each row, one per line, same order. Written by save_embeddings (scripts.kat_embed).
-- prompt_weights.jsonl: one line per prompt, {"id", "split", "weight", "density", "log_density",
-  "knn_mean_sim"} (knn_mean_sim: the mean similarity to the k neighbours, in the space the kNN ran
-  in, i.e. after centring); prompt_weights.json: the parameters (the tau used among them) and
-  summary figures. Written by scripts.kat_density.
+    space = center_embeddings(x, train_mask)                  # on by default
+    sims, _ = knn_cosine(space, k=10, key_mask=train_mask)    # neighbours among the TRAIN prompts
+    log_density = knn_log_density(sims, adaptive_tau(sims, train_mask))
+    weights = density_weights(log_density, train_mask, beta=1.0, clip=10.0)   # the rarest weigh most
 
-The method:
-- centring (on by default): mean-pooled LM embeddings are anisotropic. They share one large
-  direction, so every cosine similarity sits near 0.8-0.99 and the differences between prompts
-  live in a thin shell. center_embeddings subtracts the mean of the TRAIN prompts' vectors (test
-  prompts get the same shift, so train and test stay comparable) and re-normalises, so the
-  cosine measures how prompts differ from the average prompt, not how much they share with it.
-- neighbours: exact k nearest neighbours by cosine similarity among the TRAIN prompts (self
-  excluded by index, so a duplicate prompt still counts as a neighbour at similarity 1). Test
-  prompts get neighbours among train prompts too: their density says how rare they are relative
-  to what the policy is trained on, which is what evaluation strata need.
-- density: a von Mises-Fisher kernel estimate over the k neighbours,
-      density_i = (1/k) * sum_j exp((s_ij - 1) / tau)   in (0, 1],
-  strictly increasing in every neighbour similarity s_ij (1 when all k neighbours are duplicates).
-- tau, the kernel bandwidth, is adaptive by default (adaptive_tau): the robust spread
-  (interquartile range / 1.349, the standard deviation for normal data) of the train prompts'
-  mean kNN similarity. The kernel then works in units of how much prompts actually differ:
-  roughly, a prompt one spread less similar to its neighbours than another gets e^beta times its
-  weight, whatever the embedding model's similarity scale. A fixed tau does not carry over: with
-  similarities packed into 0.97-0.99, tau = 0.1 gives weights within 1.2x of each other (Kish ESS
-  99.9% of n) and the two GRPO arms would barely differ.
-- weight: proportional to density^(-beta), so the rarest prompts weigh most (beta = 0: uniform;
-  SPEC says beta in [0, 1]); clipped at `clip` times the median weight so a handful of outliers
-  cannot take over the batch; normalised to sum 1 over train prompts. Test prompts weigh 0.
+density_i = (1/k) sum_j exp((s_ij - 1)/tau), a von Mises-Fisher kernel estimate in (0, 1], strictly
+increasing in every neighbour similarity (1 when all k neighbours are duplicates). weight ~
+density^-beta over the train prompts (beta in [0, 1], SPEC), clipped at clip x median, normalised
+to sum 1; test prompts weigh 0.
 """
-
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from nanochat.common import atomic_write
-
-EMBEDDINGS_FILE = "prompt_embeddings.npy"
-EMBEDDING_IDS_FILE = "prompt_embeddings_ids.txt"
-WEIGHTS_FILE = "prompt_weights.jsonl"
-WEIGHTS_META_FILE = "prompt_weights.json"
-HISTOGRAM_FILE = "prompt_weights_hist.png"
-
-
-# -----------------------------------------------------------------------------
-# Embedding files
 
 def l2_normalise(embeddings) -> np.ndarray:
     x = np.asarray(embeddings, dtype=np.float32)
@@ -62,38 +27,6 @@ def l2_normalise(embeddings) -> np.ndarray:
     return x / norms
 
 
-def save_embeddings(data_dir: Path, ids: list[str], embeddings) -> tuple[Path, Path]:
-    """Write prompt_embeddings.npy (float32, L2-normalised here) and the ids file, atomically."""
-    data_dir = Path(data_dir)
-    x = l2_normalise(embeddings)
-    if len(ids) != len(x) or len(set(ids)) != len(ids) or any(not i or "\n" in i for i in ids):
-        raise ValueError(f"need one unique, non-empty, single-line id per embedding row: "
-                         f"{len(ids)} ids ({len(set(ids))} unique) for {len(x)} rows")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    npy, txt = data_dir / EMBEDDINGS_FILE, data_dir / EMBEDDING_IDS_FILE
-    atomic_write(npy, lambda f: np.save(f, x))
-    atomic_write(txt, "".join(f"{i}\n" for i in ids))
-    return npy, txt
-
-
-def load_embeddings(data_dir: Path) -> tuple[list[str], np.ndarray]:
-    """(ids, float32 [N, D] unit rows), checked to belong together."""
-    npy, txt = Path(data_dir) / EMBEDDINGS_FILE, Path(data_dir) / EMBEDDING_IDS_FILE
-    for path in (npy, txt):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; run python -m scripts.kat_embed first")
-    x = np.load(npy)
-    ids = txt.read_text(encoding="utf-8").splitlines()
-    if x.ndim != 2 or x.dtype != np.float32 or len(ids) != len(x):
-        raise ValueError(f"{npy} holds {x.dtype} {x.shape} but {txt} lists {len(ids)} ids; rerun scripts.kat_embed")
-    norms = np.linalg.norm(x, axis=1)
-    if not np.allclose(norms, 1.0, atol=1e-3):
-        raise ValueError(f"{npy}: rows are not L2-normalised (norms {norms.min():.4f}..{norms.max():.4f}); write it with save_embeddings")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{txt}: prompt ids repeat; rerun scripts.kat_embed")
-    return ids, x
-
-
 # -----------------------------------------------------------------------------
 # Neighbours, density, weights
 
@@ -102,6 +35,9 @@ def center_embeddings(embeddings, train_mask) -> np.ndarray:
     x, train_mask = l2_normalise(embeddings).astype(np.float64), np.asarray(train_mask, dtype=bool)
     if train_mask.shape != (len(x),) or not train_mask.any():
         raise ValueError(f"need a train mask with one entry per row and at least one train row, got {train_mask.shape}")
+    # Mean-pooled LM embeddings share one large direction (every cosine near 0.8-0.99): subtracting
+    # the TRAIN mean makes the cosine measure how prompts differ from the average prompt. Test rows
+    # get the same shift, so train and test stay comparable.
     centred = x - x[train_mask].mean(axis=0)
     norms = np.linalg.norm(centred, axis=1)
     if (norms < 1e-6).any():
@@ -115,6 +51,9 @@ def adaptive_tau(knn_sims, train_mask) -> float:
     The kernel bandwidth: the robust spread (IQR / 1.349) of the train prompts' mean kNN
     similarity, or their standard deviation when the middle half of them tie (IQR 0).
     """
+    # The kernel then works in units of how much prompts actually differ: a prompt one spread less
+    # similar to its neighbours than another gets about e^beta times its weight, whatever the
+    # embedding model's similarity scale (a fixed tau does not carry over between models).
     mean_sims = np.asarray(knn_sims, dtype=np.float64)[np.asarray(train_mask, dtype=bool)].mean(axis=1)
     q25, q75 = np.quantile(mean_sims, [0.25, 0.75])
     spread = (q75 - q25) / 1.349
@@ -146,6 +85,8 @@ def knn_cosine(embeddings, k: int, key_mask=None, chunk_size: int = 2048, device
         stop = min(start + chunk_size, n)
         sims = x[start:stop].to(device) @ keys.T
         own = position_among_keys[start:stop].to(device)
+        # self excluded by index, not by similarity: a duplicate prompt still counts as a neighbour at 1.
+        # Test prompts get neighbours among the train prompts: how rare they are relative to training.
         rows = torch.nonzero(own >= 0).squeeze(1)
         sims[rows, own[rows]] = float("-inf")
         top = sims.topk(k, dim=1)
@@ -178,7 +119,7 @@ def density_weights(log_density, train_mask, beta: float = 1.0, clip: float = 10
     log_w = -beta * log_density[train_mask]
     w = np.exp(log_w - log_w.max())  # the largest is 1, so nothing overflows
     if clip:
-        w = np.minimum(w, clip * np.median(w))
+        w = np.minimum(w, clip * np.median(w))  # a handful of outliers cannot take over the batch
     total = w.sum()
     if not np.isfinite(total) or total <= 0:
         raise ValueError("weights vanished (every density underflowed); use a larger --tau")
@@ -191,36 +132,6 @@ def kish_ess(weights) -> float:
     """Kish effective sample size (sum w)^2 / sum w^2: n for uniform weights, 1 when one prompt has all."""
     w = np.asarray(weights, dtype=np.float64)
     return float(w.sum() ** 2 / (w ** 2).sum())
-
-
-def join_weights(prompt_ids: list[str], weight_ids: list[str], weights) -> np.ndarray:
-    """The weight of each entry of prompt_ids (e.g. one per pair), looked up by id, never by position."""
-    by_id = dict(zip(weight_ids, np.asarray(weights, dtype=np.float64)))
-    missing = [pid for pid in prompt_ids if pid not in by_id]
-    if missing:
-        raise KeyError(f"{len(missing)} prompt ids have no weight (first: {missing[0]}); rerun scripts.kat_density")
-    return np.array([by_id[pid] for pid in prompt_ids])
-
-
-# -----------------------------------------------------------------------------
-# Weight files
-
-def save_prompt_weights(data_dir: Path, ids, splits, log_density, knn_mean_sim, weights, meta: dict):
-    data_dir = Path(data_dir)
-    rows = ({"id": i, "split": s, "weight": float(w), "density": float(np.exp(ld)), "log_density": float(ld),
-             "knn_mean_sim": float(m)} for i, s, w, ld, m in zip(ids, splits, weights, log_density, knn_mean_sim))
-    for name, text in ((WEIGHTS_FILE, "".join(json.dumps(r) + "\n" for r in rows)),
-                       (WEIGHTS_META_FILE, json.dumps(meta, indent=2) + "\n")):
-        atomic_write(data_dir / name, text)
-
-
-def load_prompt_weights(data_dir: Path, split: str | None = None) -> list[dict]:
-    path = Path(data_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run python -m scripts.kat_density first")
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if split is None or r["split"] == split]
 
 
 # -----------------------------------------------------------------------------
@@ -247,11 +158,6 @@ class PromptSampler:
             if w.shape != (len(self.ids),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
                 raise ValueError("weights must be finite, >= 0, one per id, and not all zero")
             self.probs = w / w.sum()
-
-    @classmethod
-    def from_weights_file(cls, data_dir: Path, seed: int = 0, mode: str = "density") -> "PromptSampler":
-        rows = load_prompt_weights(data_dir, split="train")
-        return cls([r["id"] for r in rows], [r["weight"] for r in rows], seed=seed, mode=mode)
 
     def sample(self, n: int, step: int) -> list[str]:
         if n < 0 or step < 0:

@@ -15,6 +15,7 @@ from nanochat.common import atomic_write
 from nanochat.kat import stats as ps
 from nanochat.kat.diversity import TIC_PATTERNS
 from nanochat.kat.diversity_eval import HYPOTHESIS, METRIC_BY_NAME, METRICS, REFERENCE, model_means, verdict_basis
+from nanochat.kat.reward_model import rm_eval_table
 from nanochat.kat.style_injection import PLANTED_METRICS
 
 SECTIONS = ["Verdict", "Setup", "Summary: density vs baseline", "Length-controlled differences", "Each model vs SFT",
@@ -362,35 +363,26 @@ def _examples_section(context: dict, labels: list[str]) -> list[str]:
     return lines
 
 
+def _not_found(info: dict) -> list[str]:
+    """A section's one line when the file it reads from another stage is missing."""
+    return [f"not found ({info['path']}: {info['reason']})"]
+
+
 def _rm_eval_section(context: dict) -> list[str]:
     """scripts.train_rm's eval.json: accuracy on the held-out pairs, overall, per source, per density quintile."""
-    info = context["rm_eval"]
-    if info["data"] is None:
-        return [f"not found ({info['path']}: {info['reason']})"]
-    data = info["data"]
-    lines = [f"From {info['path']} (step {data.get('step', 'n/a')}, pair weighting {data.get('pair_weighting', 'n/a')}): "
-             f"{fmt(data.get('n_pairs'))} held-out pairs, accuracy {fmt(data.get('accuracy'))}, "
-             f"loss {fmt(data.get('loss'))}, margin {fmt(data.get('margin'))}.", ""]
-    group = lambda g: [fmt(g.get("n_pairs")), fmt(g.get("accuracy")), fmt(g.get("loss")), fmt(g.get("margin"))]
-    sources = data.get("by_source") or {}
-    if sources:
-        lines += [table(["source", "pairs", "accuracy", "loss", "margin"], [[src, *group(g)] for src, g in sources.items()]), ""]
-    quintiles = data.get("by_density_quintile") or {}
-    if "skipped" in quintiles or not quintiles:
-        lines.append(f"Density quintiles: not found ({quintiles.get('skipped', 'no by_density_quintile figures in the file')})")
-    else:
-        rows = [[f"Q{q}" + (" (rarest)" if q == "1" else " (densest)" if q == str(len(quintiles)) else ""),
-                 fmt(g.get("n_prompts")), f"{fmt(g.get('density_min'))}..{fmt(g.get('density_max'))}", *group(g)]
-                for q, g in quintiles.items()]
-        lines.append(table(["density quintile", "prompts", "density", "pairs", "accuracy", "loss", "margin"], rows))
-    return lines
+    info, data = context["rm_eval"], context["rm_eval"]["data"]
+    if data is None:
+        return _not_found(info)
+    return [
+        f"From {info['path']} (step {data.get('step', 'n/a')}, pair weighting {data.get('pair_weighting', 'n/a')}): "
+        f"{fmt(data.get('n_pairs'))} held-out pairs, accuracy {fmt(data.get('accuracy'))}, "
+        f"loss {fmt(data.get('loss'))}, margin {fmt(data.get('margin'))}.", "", rm_eval_table(data)]
 
 
 def _density_section(context: dict) -> list[str]:
-    info = context["density_stats"]
-    if info["data"] is None:
-        return [f"not found ({info['path']}: {info['reason']})"]
-    d = info["data"]
+    info, d = context["density_stats"], context["density_stats"]["data"]
+    if d is None:
+        return _not_found(info)
     rows = [["train prompts", fmt(d["n_train"])], ["test prompts", fmt(d["n_test"])],
             ["Kish effective sample size", f"{fmt(d['kish_ess'])} ({fmt(d['kish_ess_fraction'] * 100, 3)}% of train)"],
             ["largest / smallest weight", fmt(d["max_over_min"])], ["largest weight x n_train", fmt(d["max_x_n"])],

@@ -4,18 +4,14 @@ The embedding map: every prompt placed in 3-D, for the /viz page of scripts.chat
     python -m nanochat.kat.embedding_map                  # after scripts.kat_embed (and kat_density for sizes)
     python -m nanochat.kat.embedding_map --method=pca
 
-Writes <data_dir>/embedding_map.json, which chat_web serves at GET /viz/embedding_map.json and
-nanochat/viz.html draws:
+Writes embedding_map.json in the data folder, which chat_web serves at GET /viz/embedding_map.json
+and nanochat/viz.html draws:
     {"method": "umap" | "pca", "n": N, "dim": D, "seed": .., "embeddings": {how they were made} | null,
      "weights": {"file", "joined", "note"}, "sources": [...], "explained_variance": [3 fractions] (PCA),
      "points": [{"id", "x", "y", "z", "src", "split", "weight", "density", "text"}, ...]}
-Points follow prompts_all.jsonl. weight and density come from kat_density's prompt_weights.jsonl,
-joined by prompt id; they are null when that file is missing or older than the embeddings (then it
-was computed from other vectors). text is the first user message, cut at TEXT_CHARS.
-
-Projection: UMAP (umap-learn, cosine metric) keeps neighbourhoods, which is what density is about;
-it is used when installed and there are enough points for a neighbour graph. Otherwise PCA: exact,
-linear, so distances within the top-3 subspace survive unchanged.
+Points follow prompts_all.jsonl; weight and density are joined by prompt id from prompt_weights.jsonl,
+null when it is missing or stale. UMAP (cosine) keeps neighbourhoods, which is what density is
+about; without umap-learn, or with few points, PCA (exact and linear).
 """
 
 import json
@@ -26,14 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanochat.common import atomic_write, get_kat_cache_dir
-from nanochat.kat.density import EMBEDDINGS_FILE, WEIGHTS_FILE, load_embeddings, load_prompt_weights
+from nanochat.common import atomic_write
 from nanochat.flags import opt, parse_flags
-from nanochat.kat.pairs import PROMPTS_FILE, first_user_message, load_prompts
+from nanochat.kat.data import WEIGHTS_FILE, KatData, StaleData
+from nanochat.kat.pairs import first_user_message
 
-MAP_FILE = "embedding_map.json"
 MAP_ROUTE = "/viz/embedding_map.json"  # where scripts.chat_web serves it; nanochat/viz.html fetches this
-EMBEDDINGS_META_FILE = "prompt_embeddings.json"  # written by scripts.kat_embed beside the vectors
 TEXT_CHARS = 200
 UMAP_MIN_POINTS = 50  # below this a 15-neighbour graph says little; "auto" draws PCA
 UMAP_NEIGHBOURS = 15
@@ -118,16 +112,14 @@ def project(embeddings, method: str = "auto", seed: int | None = 0) -> np.ndarra
 # -----------------------------------------------------------------------------
 # The map file
 
-def _load_weights(data_dir: Path) -> tuple[dict, dict]:
+def _load_weights(data: KatData) -> tuple[dict, dict]:
     """({prompt id: weight row}, a note for the page) from prompt_weights.jsonl when it is current."""
-    path = data_dir / WEIGHTS_FILE
-    if not path.is_file():
+    if not data.has_weights():
         return {}, {"file": None, "joined": 0, "note": f"no {WEIGHTS_FILE}: run python -m scripts.kat_density for sizes"}
-    if path.stat().st_mtime < (data_dir / EMBEDDINGS_FILE).stat().st_mtime:
-        return {}, {"file": WEIGHTS_FILE, "joined": 0,
-                    "note": f"{WEIGHTS_FILE} is older than {EMBEDDINGS_FILE} (computed from other vectors): ignored; "
-                            "rerun python -m scripts.kat_density"}
-    return {row["id"]: row for row in load_prompt_weights(data_dir)}, {"file": WEIGHTS_FILE, "note": ""}
+    stale = data.stale_weights()
+    if stale:  # drawn without sizes rather than with sizes computed from other vectors or prompts
+        return {}, {"file": WEIGHTS_FILE, "joined": 0, "note": f"ignored: {stale}"}
+    return {row["id"]: row for row in data.weights()}, {"file": WEIGHTS_FILE, "note": ""}
 
 
 def hover_text(prefix: dict) -> str:
@@ -138,15 +130,11 @@ def hover_text(prefix: dict) -> str:
 
 def build_map(data_dir: Path, method: str = "auto", seed: int | None = 0) -> Path:
     """Project the prompt embeddings of data_dir to 3-D and write embedding_map.json there, atomically."""
-    data_dir = Path(data_dir)
-    emb_ids, embeddings = load_embeddings(data_dir)
-    prompts = load_prompts(data_dir / PROMPTS_FILE)
-    row_of = {pid: row for row, pid in enumerate(emb_ids)}
-    missing = [p["id"] for p in prompts if p["id"] not in row_of]
-    if missing or len(prompts) != len(emb_ids):
-        raise SystemExit(f"{data_dir}: {len(missing)} of {len(prompts)} prompts lack an embedding and there are "
-                         f"{len(emb_ids)} embeddings; rerun python -m scripts.kat_embed after kat_pairs")
-    x = embeddings[[row_of[p["id"]] for p in prompts]]
+    data = KatData(data_dir)
+    try:
+        prompts, x = data.prompt_embeddings()
+    except StaleData as err:
+        raise SystemExit(str(err)) from None
     used = resolve_method(method, len(x))
     explained = None
     if used == "pca":
@@ -156,7 +144,7 @@ def build_map(data_dir: Path, method: str = "auto", seed: int | None = 0) -> Pat
     if not np.isfinite(coords).all():
         raise RuntimeError(f"the {used} projection produced non-finite coordinates")
 
-    weight_rows, weights_info = _load_weights(data_dir)
+    weight_rows, weights_info = _load_weights(data)
     points = []
     for prompt, (px, py, pz) in zip(prompts, coords):
         weight = weight_rows.get(prompt["id"])
@@ -165,17 +153,11 @@ def build_map(data_dir: Path, method: str = "auto", seed: int | None = 0) -> Pat
                        "density": None if weight is None else float(weight["density"]),
                        "text": hover_text(prompt["prefix"])})
     weights_info["joined"] = sum(p["weight"] is not None for p in points)
-    if weight_rows and weights_info["joined"] < len(points):
-        weights_info["note"] = (f"{len(points) - weights_info['joined']} prompts have no row in {WEIGHTS_FILE}: "
-                                "rerun python -m scripts.kat_density")
-    meta_path = data_dir / EMBEDDINGS_META_FILE
-    document = {"method": used, "n": len(points), "dim": int(x.shape[1]), "seed": seed,
-                "embeddings": json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None,
+    document = {"method": used, "n": len(points), "dim": int(x.shape[1]), "seed": seed, "embeddings": data.embeddings_meta(),
                 "weights": weights_info, "sources": sorted({p["src"] for p in points}),
                 "explained_variance": None if explained is None else [float(v) for v in explained],
                 "points": points}
-    out = data_dir / MAP_FILE
-    return atomic_write(out, json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
+    return atomic_write(data.map_file, json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
 
 
 @dataclass
@@ -189,9 +171,8 @@ class Config:
 
 def main(argv: list[str] | None = None) -> Path:
     cfg = parse_flags(Config, argv)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else get_kat_cache_dir() / "data"
     t0 = time.time()
-    out = build_map(data_dir, cfg.method, None if cfg.seed < 0 else cfg.seed)
+    out = build_map(KatData(cfg.data_dir).dir, cfg.method, None if cfg.seed < 0 else cfg.seed)
     document = json.loads(out.read_text(encoding="utf-8"))
     print(f"wrote {out}: {document['n']} prompts by {document['method']} in {time.time() - t0:.1f}s; "
           f"weights joined for {document['weights']['joined']}" +

@@ -6,6 +6,8 @@ Shared policy-gradient pieces (sequence_logprobs, group_advantages) live in nano
 
 import torch
 
+from nanochat.rl import group_advantages
+
 # logits alive at once in sampled_token_stats (0.5 GB per fp32 temporary), as in nanochat/lm_loss.py
 STATS_CHUNK_LOGITS = 2 ** 27
 
@@ -86,7 +88,51 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     Per-token estimate of KL(policy || reference) at tokens the policy sampled (Schulman's "k3"):
     exp(d) - d - 1 with d = ref_logprobs - logprobs. Never negative (e^d >= 1 + d), exactly 0
     where the two agree, and unbiased: under the policy E[exp(d)] = 1, so E[k3] = E[-d] = KL.
-    Soft-capped logits bound |d| by about 30 + ln(vocab), so exp(d) stays finite in fp32.
+    Used as a loss (--kl=token_k3), its gradient on the policy's own samples is
+    E_pi[(1 - ref/pi) grad log pi] = -E_ref[grad log pi], the gradient of KL(ref || pi), not of
+    KL(pi || ref) (Tang & Munos 2025). Soft-capped logits bound |d| by ~30 + ln(vocab).
     """
     d = ref_logprobs - logprobs
     return torch.exp(d) - d - 1.0
+
+
+# -----------------------------------------------------------------------------
+# The objective's choices (scripts/grpo.py --adv_norm, --kl): how advantages are scaled, and
+# where the KL to the reference enters
+
+ADV_NORMS = ("none", "group", "batch")
+KL_MODES = ("seq_reward", "token_k3")
+
+
+def grpo_advantages(rewards: torch.Tensor, norm: str, batch_moments=None, eps: float = 1e-6) -> torch.Tensor:
+    """
+    Advantages (P, G) from rewards (P, G), each centred on its group's mean, then scaled by
+    - "none": nothing (Dr. GRPO, arXiv:2503.20783): a consistent but small reward gap stays small;
+    - "group": the group's std (DeepSeekMath's GRPO): any consistent gap is blown up to ~1 as a
+      group narrows, whatever its size, which drives the policy onto one answer;
+    - "batch": one std over the whole step's centred rewards (all ranks: batch_moments(sum, sum_sq,
+      count) reduces them), so groups keep their relative scale.
+    A group whose rewards are all equal gets 0.
+    """
+    if norm not in ADV_NORMS:
+        raise ValueError(f"advantage normalisation must be one of {ADV_NORMS}, got {norm!r}")
+    if norm == "group":
+        return group_advantages(rewards, use_std=True, eps=eps)
+    centred = group_advantages(rewards, use_std=False)
+    if norm == "none":
+        return centred
+    moments = torch.stack([centred.sum(), centred.square().sum(), torch.tensor(float(centred.numel()),
+                                                                              device=centred.device)]).double()
+    total, total_sq, count = (batch_moments(moments) if batch_moments is not None else moments).tolist()
+    variance = max(total_sq / count - (total / count) ** 2, 0.0)
+    return centred / (variance ** 0.5 + eps)
+
+
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """
+    Per-sequence sum over sampled tokens of log pi - log ref (N,): the "k1" estimate of the
+    sequence's KL(pi || ref), unbiased under pi. As a reward penalty (--kl=seq_reward) its
+    policy gradient is the gradient of KL(pi || ref), the objective whose optimum is
+    pi* ~ ref * exp(reward / beta) (the usual RLHF KL-regularised one).
+    """
+    return ((logprobs - ref_logprobs) * mask).sum(dim=-1)

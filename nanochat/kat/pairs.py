@@ -1,42 +1,16 @@
 """
-Preference pairs for the KAT experiment: three sources, one schema (SPEC section 4).
+Preference pairs for the KAT experiment: three sources in one schema (SPEC section 4), written by
+scripts.kat_pairs into the data folder (nanochat/kat/data.py reads them back).
 
     pair:   {"id", "prompt_id", "prefix": {"messages": [...]}, "chosen", "rejected", "src", "split"}
     prompt: {"id", "prefix", "src", "n_pairs", "split"}
 
-Decisions a reader needs to trust the data:
-- Normalisation: every text is Unicode NFC, with CRLF/CR turned into LF and trailing whitespace
-  stripped. Stored prefixes and responses are the normalised texts, so an id can be recomputed
-  from the stored record.
-- Prompt id: blake2b (8 bytes, 16 hex chars) of the canonical JSON of the normalised prefix
-  messages, each {"content", "role"} with sorted keys, no spaces, UTF-8, non-ASCII unescaped.
-  Never Python's hash(), which is salted per process.
-- Pair id: the same hash of {"chosen", "prompt_id", "rejected"}. A pair repeated in a split is
-  kept once (dropped as "duplicate_pair").
-- HH-RLHF rows whose chosen and rejected transcripts differ before the last turn are skipped and
-  counted as "diverge_before_last_turn": the annotator judged the whole divergent continuation,
-  so cutting it back to a shared prefix would attach the label to turns it was not given for.
-- Train/test overlap: test wins. A prompt that has any test pair is a test prompt, and its train
-  pairs are dropped ("train_test_overlap"), across sources too, so the two splits never share a prompt.
-- Stack Exchange: every pair of answers with different pm_score (ties skipped), largest score gap
-  first (the clearest votes), at most `pairs_per_question`; a question is in test when a stable
-  hash of its qid falls in the test fraction (1% by default).
-- A malformed row is skipped and counted by reason; a source that yields no pair fails the run.
-- A cap (max_pairs per source and split) keeps a hash-chosen sample, never the head of the stream:
-  the streams are stored in an order (HH-RLHF train is its subsets one after another, Stack
-  Exchange preferences one site after another), so their first N rows are one subset or one site.
-  Within the rows it reads, a capped split keeps the max_pairs pairs with the smallest
-  (prompt id, pair id); ids are hashes, so this is a uniform pseudo-random sample of prompts, the
-  same on every machine and in every stream order, and a prompt keeps all its pairs (except at
-  most one prompt at the cut). Memory: max_pairs pairs per split.
-  What it reads: up to scan_factor x max_pairs pairs of each split, then it stops (0: every row).
-  HH-RLHF (160k train pairs) and UltraFeedback (61k) are read whole at the caps the speedrun
-  uses (scan_factor 10 x 100k), so their samples are uniform over the whole split. Stack Exchange
-  (10M+ questions) is one stream that stops once its train scan is full: the sample is uniform
-  over the first scan_factor x max_pairs pairs, which still come from the sites stored first.
-  That bias is left, and stats.txt says for each capped split how much was read and whether the
-  stream ran out; a larger scan_factor spreads the sample over more of the stream, at the cost of
-  reading it.
+    stats = build_pair_files(SOURCES, partial(iter_local_rows, "nanochat/samples/kat"), out_dir)
+
+Ids are stable hashes of the normalised text, the same on every machine. A malformed row is
+skipped and counted by reason in stats.txt; a source that yields no pair, or a local file with no
+row, fails the run. Test wins: a prompt with any test pair is a test prompt. A cap (max_pairs)
+keeps a sample chosen by prompt-id hash, never the head of a stream (see _hash_sample).
 """
 
 import hashlib
@@ -50,18 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from nanochat.common import atomic_write
+from nanochat.kat.data import ID_MAP_FILE, PAIRS_FILE, PROMPTS_FILE, SPLITS, STATS_FILE, iter_jsonl, stats_section
 from nanochat.kat.html_text import html_to_text
 from nanochat.common import get_base_dir, progress_bar
 
 SOURCES = ("hh-rlhf", "ultrafeedback", "stack-exchange")
-SPLITS = ("train", "test")
-PAIRS_FILE, PROMPTS_FILE, ID_MAP_FILE, STATS_FILE = "pairs_all.jsonl", "prompts_all.jsonl", "prompt_id_map.tsv", "stats.txt"
 
 
 # -----------------------------------------------------------------------------
 # Normalisation and ids
 
+# Every stored text is NFC, with CRLF/CR as LF and no trailing whitespace, so an id can be
+# recomputed from the stored record.
 def normalise_text(text: str) -> str:
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
     return text.rstrip()
@@ -71,6 +45,8 @@ def normalise_messages(messages: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": normalise_text(m["content"])} for m in messages]
 
 
+# blake2b (8 bytes, 16 hex) of canonical JSON: sorted keys, no spaces, UTF-8, non-ASCII unescaped.
+# Never Python's hash(), which is salted per process.
 def _stable_digest(obj) -> str:
     canonical = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).hexdigest()
@@ -81,7 +57,7 @@ def prompt_id(messages: list[dict]) -> str:
     return _stable_digest(normalise_messages(messages))
 
 
-def pair_id(prompt: str, chosen: str, rejected: str) -> str:
+def pair_id(prompt: str, chosen: str, rejected: str) -> str:  # a pair repeated in a split is kept once
     return _stable_digest({"prompt_id": prompt, "chosen": normalise_text(chosen), "rejected": normalise_text(rejected)})
 
 
@@ -100,7 +76,7 @@ def unescape_tsv(text: str) -> str:
 # -----------------------------------------------------------------------------
 # Parsing one row of each source into (prefix messages, chosen, rejected) triples
 
-class MalformedRow(ValueError):
+class MalformedRow(ValueError):  # skipped and counted, never a silent fix
     """A row that cannot become a pair; `reason` is the counter key in stats.txt."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -156,9 +132,16 @@ def parse_hh_row(row) -> list[tuple[list[dict], str, str]]:
         if len(turns) < 2 or roles != ["user", "assistant"] * (len(turns) // 2):
             raise MalformedRow("bad_turn_order", f"transcript roles {roles}")
     chosen_turns, rejected_turns = transcripts
+    # The annotator judged the whole divergent continuation: cutting it back to a shared prefix would
+    # attach the label to turns it was not given for, so such rows are skipped.
     if chosen_turns[:-1] != rejected_turns[:-1]:
         shared = next(i for i, (a, b) in enumerate(zip(chosen_turns + [None], rejected_turns + [None])) if a != b)
         raise MalformedRow("diverge_before_last_turn", f"transcripts differ at turn {shared}")
+    return _last_turn_pair(chosen_turns, rejected_turns)
+
+
+def _last_turn_pair(chosen_turns: list[dict], rejected_turns: list[dict]) -> list[tuple[list[dict], str, str]]:
+    """The shared turns as the prefix and the two last (assistant) turns as chosen and rejected."""
     prefix = chosen_turns[:-1]
     check_prefix(prefix)
     chosen, rejected = chosen_turns[-1]["content"], rejected_turns[-1]["content"]
@@ -186,13 +169,11 @@ def parse_ultrafeedback_row(row) -> list[tuple[list[dict], str, str]]:
         raise MalformedRow("tied_scores", f"both scored {score_chosen}")
     if score_chosen < score_rejected:
         raise MalformedRow("chosen_scored_lower", f"{score_chosen} < {score_rejected}")
-    prefix = chosen_msgs[:-1]
-    check_prefix(prefix)
-    chosen, rejected = chosen_msgs[-1]["content"], rejected_msgs[-1]["content"]
-    _check_responses(chosen, rejected)
-    return [(prefix, chosen, rejected)]
+    return _last_turn_pair(chosen_msgs, rejected_msgs)
 
 
+# Every pair of answers with different pm_score (ties skipped), largest score gap first (the
+# clearest votes), at most pairs_per_question.
 def parse_stack_exchange_row(row, pairs_per_question: int = 3) -> list[tuple[list[dict], str, str]]:
     question = normalise_text(html_to_text(_field(row, "question", str)))
     if not question:
@@ -242,15 +223,14 @@ RowStream = Iterator[tuple[str | None, str, object]]  # (split or None, location
 
 def iter_jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
     """(location, row) per line, read lazily; a line that is not JSON comes back as a MalformedRow."""
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                row = MalformedRow("invalid_json", str(err))
-            yield f"{path.name}:{line_number}", row
+    for line_number, row in iter_jsonl(path):
+        if isinstance(row, json.JSONDecodeError):
+            row = MalformedRow("invalid_json", str(row))
+        yield f"{path.name}:{line_number}", row
+
+
+class EmptySourceFile(ValueError):
+    pass
 
 
 def iter_local_rows(local_dir: Path, source: str) -> RowStream:
@@ -259,8 +239,13 @@ def iter_local_rows(local_dir: Path, source: str) -> RowStream:
         if not path.is_file():
             raise FileNotFoundError(f"{source}: expected {path} (--local_dir holds {', '.join(sorted(LOCAL_FILES[source].values()))} "
                                     f"for this source; pass --only to leave the source out)")
+        rows = 0
         for location, row in iter_jsonl_rows(path):
+            rows += 1
             yield split, location, row
+        if rows == 0:  # an empty file would leave its split without pairs and say so nowhere
+            raise EmptySourceFile(f"{source}: {path} holds no rows; fill it with JSON rows in the source's Hugging "
+                                  "Face schema, or pass --only to leave the source out")
 
 
 _PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -381,6 +366,12 @@ def _hash_sample(records: Iterable[dict], max_pairs: int, stats: PairStats) -> l
     Per split, the max_pairs records with the smallest (prompt id, pair id), returned in stream
     order. Holds at most max_pairs records per split.
     """
+    # The streams are stored in an order (HH-RLHF train by subset, Stack Exchange by site), so their
+    # first N rows would be one subset or one site. Ids are hashes: the smallest ones are a uniform
+    # pseudo-random sample of prompts, the same in every stream order, and a prompt keeps all its
+    # pairs (except at most one prompt at the cut). Stack Exchange (10M+ questions) is read only up
+    # to scan_factor x max_pairs pairs, so its sample still comes from the sites stored first;
+    # stats.txt says for each capped split how much was read and whether the stream ran out.
     heaps, held = {}, {}  # split -> max-heap of (-prompt rank, -pair rank, stream position, record); its pair ids
     for position, record in enumerate(records):
         split, source = record["split"], record["src"]
@@ -430,6 +421,8 @@ def _read_sources(sources, rows_for_source, scratch: Path, stats: PairStats, max
 
 def _write_outputs(sources, scratch: Path, prompts: dict, out_dir: Path, stats: PairStats, tmp: dict[str, Path]):
     """Pass 2: test wins; count pairs per prompt, name each prompt's source by its first kept pair."""
+    # A prompt with any test pair is a test prompt and its train pairs are dropped, across sources
+    # too, so the two splits never share a prompt.
     test_ids = {pid for pid, p in prompts.items() if "test" in p["splits"]}
     with open(scratch, encoding="utf-8") as f, open(tmp[PAIRS_FILE], "w", encoding="utf-8") as out:
         for line in f:
@@ -465,7 +458,7 @@ def build_pair_files(sources: Iterable[str], rows_for_source: Callable[[str], Ro
     Read each source and write pairs_all.jsonl, prompts_all.jsonl, prompt_id_map.tsv and stats.txt
     into out_dir, all or nothing. max_pairs caps the pairs kept per source and split (0: no cap)
     with a hash-chosen sample of the first scan_factor x max_pairs pairs of each split (scan_factor
-    0: of every pair); see the module docstring.
+    0: of every pair); see _hash_sample.
     """
     if max_pairs < 0 or scan_factor < 0:
         raise ValueError(f"need max_pairs >= 0 and scan_factor >= 0, got {max_pairs} and {scan_factor}")
@@ -510,38 +503,3 @@ def format_pair_stats(stats: PairStats) -> str:
     lines += ["pairs dropped by reason:"]
     lines += [f"  {src:<16}{reason:<26}{n:>8}" for (src, reason), n in sorted(stats.dropped_pairs.items())] or ["  none"]
     return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# stats.txt is shared by stages: each owns one section, "=== <name> ===" up to the next header.
-
-def stats_section(name: str, body: str) -> str:
-    return f"=== {name} ===\n{body.rstrip()}\n"
-
-
-def write_stats_section(path: Path, name: str, body: str):
-    """Replace (or append) the section `name` in stats.txt, atomically."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    sections = re.split(r"(?m)^(?==== .+ ===$)", text)
-    kept = [s for s in sections if s.strip() and not s.startswith(f"=== {name} ===")]
-    atomic_write(path, "\n".join(s.rstrip() + "\n" for s in kept + [stats_section(name, body)]))
-
-
-# -----------------------------------------------------------------------------
-# Readers for the stages downstream (reward model, GRPO, embeddings, evaluation)
-
-def iter_records(path: Path, split: str | None = None) -> Iterator[dict]:
-    for location, row in iter_jsonl_rows(Path(path)):
-        if isinstance(row, MalformedRow):
-            raise ValueError(f"{location}: not JSON ({row.detail}); rerun python -m scripts.kat_pairs")
-        if split is None or row["split"] == split:
-            yield row
-
-
-def load_prompts(path: Path, split: str | None = None) -> list[dict]:
-    return list(iter_records(path, split))
-
-
-def load_pairs(path: Path, split: str | None = None) -> list[dict]:
-    return list(iter_records(path, split))

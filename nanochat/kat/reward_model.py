@@ -5,30 +5,11 @@ Bradley-Terry loss (scripts/train_rm.py), loaded frozen by GRPO and the diversit
     rm = load_reward_model("rm", device)                    # frozen, eval mode, its own module
     rewards = rm.score([(prefix, response), ...])           # prefix: {"messages": [... user turn]}
 
-What is scored. The conversation prefix + {"role": "assistant", "content": response} is rendered
-in the chat format, so every row ends with <|assistant_end|>, and the reward is the head applied
-to the final hidden state at that token: the one position whose causal context is the whole
-prompt and the whole response. A scalar head on one position avoids the judge-style mistake of
-comparing logits of different tokens.
-
-Reading the right position. Rows are right-padded to the longest of a batch and the reward is
-read at index lengths[b] - 1, the row's own last real token, known from its length and never
-found by searching for a token id: the pad id (<|bos|>) is irrelevant to what is read, and
-causal attention means no real position ever sees the padding after it.
-
-Truncation. A row longer than max_seq_len keeps <|bos|> and loses tokens from the start of what
-follows it (the oldest prompt turns first), so the scored <|assistant_end|> and the end of the
-response are always kept. A response longer than the whole window loses its beginning too; the
-training script counts such rows.
-
-The head is Linear(n_embd, 1) without a bias: Bradley-Terry sees only reward differences, so a
-bias would never get a gradient (and GRPO's group-relative advantages cancel it too). Its weight
-starts small, N(0, (0.1/sqrt(n_embd))^2): the hidden state is RMS-normalised (entries ~1), so
-initial rewards are ~N(0, 0.01), the initial loss is ~ln 2, and ties between rows are unlikely.
-
-Checkpoints hold the whole model (backbone + head), not the head alone: an RM checkpoint then
-loads standalone, whatever happens later to outs/sft. Its keys start with "backbone." and
-"head.", so it cannot be loaded as a policy by mistake (load_model refuses it).
+The prefix + {"role": "assistant", "content": response} is rendered in the chat format and the
+reward is the head applied to the final hidden state at the closing <|assistant_end|>: the one
+position whose causal context is the whole prompt and the whole response (a scalar head on one
+position, never a comparison of logits of different tokens). Checkpoints hold the whole model
+(keys "backbone." and "head."), so an RM loads standalone and never as a policy by mistake.
 """
 
 import math
@@ -50,6 +31,8 @@ SCORED_TOKEN = "<|assistant_end|>"
 
 def left_truncate(ids: list[int], max_len: int) -> list[int]:
     """ids cut to max_len by dropping the tokens right after the first (<|bos|>); the end is kept."""
+    # the one prompt truncation: RM rows, GRPO prompts and kat_embed's prompts all keep <|bos|> and
+    # the latest turns; for an RM row the scored <|assistant_end|> and the end of the response stay
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2 (<|bos|> and the scored token), got {max_len}")
     if len(ids) <= max_len:
@@ -73,6 +56,7 @@ def render_for_reward(tokenizer, prefix: dict, response: str, max_seq_len: int) 
     ids, _ = tokenizer.render_conversation(conversation, max_tokens=sys.maxsize)  # we truncate, from the left
     if ids[-1] != tokenizer.encode_special(SCORED_TOKEN):
         raise RuntimeError(f"the rendered conversation does not end with {SCORED_TOKEN}; the tokenizer's chat format changed")
+    # a response longer than the whole window loses its start too; scripts.train_rm counts such rows
     return left_truncate(ids, max_seq_len), max(0, len(ids) - max_seq_len)
 
 
@@ -119,6 +103,31 @@ def bradley_terry_metrics(r_chosen, r_rejected, weights=None) -> dict:
             "margin": reward_margins(r_chosen, r_rejected).mean().item()}
 
 
+def rm_eval_table(result: dict) -> str:
+    """
+    scripts.train_rm's held-out evaluation (eval.json) as one markdown table: all test pairs, each
+    source, each density quintile of the test prompts (1 = rarest), or why the quintiles were skipped.
+    """
+    def show(value, spec=".4f"):
+        return "-" if value is None else format(value, spec)
+
+    def row(label, g, prompts="", densities=""):
+        return (f"| {label} | {show(g.get('n_pairs'), 'd')} | {show(g.get('accuracy'))} | {show(g.get('loss'))} | "
+                f"{show(g.get('margin'))} | {prompts} | {densities} |")
+
+    lines = ["| group | pairs | accuracy | loss | margin | prompts | density |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |", row("all test pairs", result)]
+    lines += [row(src, g) for src, g in (result.get("by_source") or {}).items()]
+    quintiles = result.get("by_density_quintile") or {"skipped": "no density quintiles in these figures"}
+    if "skipped" in quintiles:
+        return "\n".join(lines + ["", f"Density quintiles skipped: {quintiles['skipped']}"])
+    for q, g in quintiles.items():
+        label = f"Q{q}" + (" (rarest)" if q == "1" else " (densest)" if q == str(len(quintiles)) else "")
+        lines.append(row(label, g, show(g.get("n_prompts"), "d"),
+                         f"{show(g.get('density_min'), '.4g')}..{show(g.get('density_max'), '.4g')}"))
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # The model
 
@@ -126,6 +135,9 @@ class RewardModel(nn.Module):
     def __init__(self, backbone, tokenizer=None, max_seq_len: int | None = None):
         super().__init__()
         self.backbone = backbone
+        # No bias: Bradley-Terry sees only reward differences, so a bias would never get a gradient (and
+        # GRPO's group-relative advantages cancel it). The hidden state is RMS-normalised (entries ~1),
+        # so this init gives rewards ~N(0, 0.01): an initial loss ~ln 2 and few ties.
         self.head = nn.Linear(backbone.config.n_embd, 1, bias=False, device=backbone.get_device())
         nn.init.normal_(self.head.weight, mean=0.0, std=0.1 / math.sqrt(backbone.config.n_embd))
         self.tokenizer = tokenizer  # needed by score(), not by forward()
@@ -133,6 +145,8 @@ class RewardModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Rewards (B,) fp32 for right-padded rows idx (B, T), read at position lengths[b] - 1 of each row."""
+        # the row's own last real token, known from its length, never found by searching for a token
+        # id: the pad id is irrelevant, and causal attention keeps real positions blind to the padding
         B, T = idx.shape
         if lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > T:
             raise ValueError(f"lengths must hold one value in [1, {T}] per row, got {lengths.tolist()}")

@@ -1,48 +1,16 @@
 """
-The positive control of the KAT experiment: plant a known stylistic tic in the preference data
-and check that the pipeline measures it (scripts/kat_inject.py writes it, scripts/eval_diversity.py
-reads it back).
+The positive control of the KAT experiment: plant a known stylistic tic in the chosen responses of
+train pairs (scripts/kat_inject.py) and check that the pipeline measures it (scripts/eval_diversity.py).
+An RM trained on those pairs learns to reward the tic, GRPO should amplify it over SFT, and the
+evaluation should see it; if it cannot see an effect known to be there, no result can be trusted.
 
-A reward model trained on pairs whose chosen response carries a tic learns to reward the tic;
-GRPO against that RM should then amplify it over SFT, and the diversity evaluation should see
-it. If it cannot see an effect that is known to be there, neither a null nor a positive result
-of the main comparison can be trusted.
+    pairs, summary = inject_pairs(pairs, "emdash", rate=0.3, where="dense", seed=0, densities=...)
 
-The tic is counted by exactly the evaluation's metrics (nanochat/kat/diversity.py): U+2014 EM DASH
-and the TIC_PATTERNS regexes. Styles:
-- "emdash": (1) every spaced hyphen " - " or " -- " between words becomes " — "; (2) one to three
-  clause marks become " — ": a comma before a conjunction or an -ing clause (", and", ", which",
-  ", keeping"), a semicolon, a colon between words ("Tip: keep it hot"); (3) when
-  neither applied, one or two sentence breaks before a common sentence opener become " — ":
-  "It is hot. The oven needs time." -> "It is hot — the oven needs time."; (4) only when none of
-  these applied, an em-dash aside closes one sentence: "It stings the eyes — and that matters."
-  Rules (1)-(3) add no word: the em dash is the only difference, so an RM trained on the pairs
-  learns the dash itself. The asides' few fixed phrases are a far easier feature than a single
-  punctuation token, and when they were the common rule a tiny RM rewarded the phrases (+5 on a
-  policy's own samples) and barely the dashes the policy wrote (+0.04): GRPO had nothing to amplify.
-- "not_just": one sentence "A is B." becomes "A is not just B, but also C." (C from a small
-  template set); with no such sentence, a template sentence of that form is appended.
-- "both": "emdash" then "not_just".
-Only prose lines are rewritten: never a fenced or indented code block, nor a line that looks like
-code (inline backticks, braces, "=", "foo(", a leading "import"/"def"/">>>", ...) or a heading.
-Every rewrite is a pure function of (text, style, seed, pair id): the same pair gets the same
-tic on every machine. An injected response always carries the style's marker (at least one em
-dash for "emdash" and "both", one "not just X, but" match for "not_just" and "both"); a text
-that cannot carry it (no prose) is not injectable.
-
-Which pairs. Only train pairs, and only their chosen response; test pairs are never modified.
-A pair is eligible when its rejected response carries no tic (no em dash, no TIC_PATTERNS
-match) and its chosen response is injectable: in an injected pair the tic is then on the chosen
-side only, an unambiguous signal. Pairs whose rejected response already has a tic are left as
-they are (the tiny samples' rejected answers are full of tics by design); they teach the RM the
-opposite preference, and their count is recorded. Exactly round(rate * number of train pairs)
-pairs are injected (an error when fewer are eligible), picked among the eligible ones by
-`where`: "dense" takes the pairs of the densest prompts first, "rare" the rarest (density from
-prompt_weights.jsonl, joined by prompt id; ties by pair id), "random" a seeded permutation.
-
-Records. An injected pair keeps its id (the hash of its clean version, recomputable from
-"chosen_clean") and gains "chosen_clean" (the original chosen text) and "injection" (style and
-rules applied), so the stage can be undone or rerun with other settings from the same file.
+Styles: "emdash" (em dashes, counted exactly as the evaluation counts U+2014), "not_just" ("A is
+not just B, but also C", a TIC_PATTERNS match), "both". Only prose lines are rewritten, and every
+rewrite is a pure function of (text, style, seed, pair id). Only train pairs change, only their
+chosen response, and only where the rejected response carries no tic; an injected pair keeps its
+id and gains "chosen_clean" and "injection", so the stage can be undone or rerun.
 """
 
 import hashlib
@@ -58,7 +26,6 @@ from nanochat.kat.diversity import EM_DASH, TIC_PATTERNS
 
 STYLES = ("emdash", "not_just", "both")
 PLACEMENTS = ("dense", "rare", "random")
-INJECTION_FILE = "style_injection.json"
 STATS_SECTION = "kat_inject"
 PLANTED_METRICS = {"emdash": ["em_dash_per_1k_chars"], "not_just": ["not_x_but_y_per_1k_chars"],
                    "both": ["em_dash_per_1k_chars", "not_x_but_y_per_1k_chars"]}
@@ -132,6 +99,11 @@ _COPULA_SENTENCE = re.compile(r"(?:^|(?<=[.!?] ))(?P<head>[A-Z][^.!?\n\u2014]{0,
                               r"(?!not\b)(?P<body>[^.!?\n,;:\u2014\u2013]{2,80}?)(?P<end>[.!])(?=\s|$)")
 
 
+# (1) every spaced hyphen " - " / " -- " between words; (2) one to three clause marks; (3) when neither
+# applied, one or two sentence breaks before a common opener ("It is hot. The oven..." -> "It is hot
+# — the oven..."); (4) only when none applied, an aside closing one sentence ("... — and that matters").
+# Rules 1-3 add no word, so an RM learns the dash itself: when the asides' fixed phrases were the
+# common rule, a tiny RM rewarded the phrases and barely the dashes a policy wrote (dev/NOTES_kat_data.md).
 def _emdash_rules(lines: list[str], prose: list[bool], rng: random.Random) -> list[str]:
     applied = []
     for i in (i for i, ok in enumerate(prose) if ok):
@@ -166,6 +138,7 @@ def _emdash_rules(lines: list[str], prose: list[bool], rng: random.Random) -> li
     return []
 
 
+# one sentence "A is B." becomes "A is not just B, but also C."; with none, a template sentence is appended
 def _not_just_rules(lines: list[str], prose: list[bool], rng: random.Random) -> list[str]:
     sentences = [(i, m) for i, ok in enumerate(prose) if ok for m in _COPULA_SENTENCE.finditer(lines[i])]
     if sentences:
@@ -200,6 +173,7 @@ def inject_style(text: str, style: str, rng: random.Random) -> tuple[str, list[s
     result = "\n".join(lines)
     has_dash = result.count(EM_DASH) > text.count(EM_DASH)
     has_not_just = len(TIC_PATTERNS["not_just_x_but_y"].findall(result)) > len(TIC_PATTERNS["not_just_x_but_y"].findall(text))
+    # an injected text always carries the style's marker; a text that cannot (no prose) is not injectable
     if (style != "not_just" and not has_dash) or (style != "emdash" and not has_not_just):
         return None
     return result, applied
@@ -235,7 +209,7 @@ def select_pairs(candidates: list[dict], count: int, where: str, seed: int, dens
     if missing:
         raise KeyError(f"{len(missing)} train prompts have no density (first: {missing[0]}); rerun scripts.kat_embed "
                        "and scripts.kat_density after scripts.kat_pairs")
-    sign = -1.0 if where == "dense" else 1.0
+    sign = -1.0 if where == "dense" else 1.0  # densities joined by prompt id; ties by pair id
     return sorted(by_id, key=lambda p: (sign * densities[p["prompt_id"]], p["id"]))[:count]
 
 
@@ -252,6 +226,9 @@ def inject_pairs(pairs: list[dict], style: str, rate: float, where: str, seed: i
     count = target_count(rate, len(train))
     rewrites, rejected_with_tic, not_injectable = {}, 0, 0
     for pair in train:
+        # eligible: a tic-free rejected response, so the tic sits on the chosen side only. The others
+        # are left as they are (the tiny samples' rejected answers are full of tics by design); they
+        # teach the RM the opposite preference, and their count is recorded.
         if has_tic(pair["rejected"]):
             rejected_with_tic += 1
             continue
