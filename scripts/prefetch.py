@@ -109,6 +109,13 @@ def sha256_of(path: Path) -> tuple[str, int]:
 def checked_rows(check: RowCheck, rows: Iterable, name: str) -> tuple[int, int]:
     for index, row in enumerate(progress_bar(rows, desc=name, unit=" rows", leave=False)):
         check.accepts(row, f"row {index}")
+    return finish(check)
+
+
+def finish(check: RowCheck) -> tuple[int, int]:
+    """(rows, rows rejected); a source with no rows, or mostly rejected ones, is an error."""
+    if check.seen == 0:
+        raise RowSchemaError(f"{check.what}: the source has no rows at all")
     check.finish()
     return check.seen, check.rejected
 
@@ -172,7 +179,7 @@ class Prefetch:
                     raise Cancelled(f"{name}: stopped because another source failed")
                 check.accepts(row, f"row {index}")  # a renamed column fails here, at the first row
                 f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-            check.finish()  # too many rejected rows: no file lands
+            finish(check)  # no rows, or too many rejected: no file lands
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(dest, write)
         return check.seen, check.rejected
@@ -291,6 +298,8 @@ def jsonl_rows(path: Path) -> Iterator:
 def identity_rows(path: Path) -> tuple[int, int]:
     kept = len(customjson.CustomJSON(path))  # its own check: skips a few bad conversations, refuses many
     total = len(read_jsonl(path))
+    if total == 0:
+        raise ValueError(f"{path} holds no conversations")
     return total, total - kept
 
 

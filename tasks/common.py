@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import nanochat.download
-from nanochat.common import OFFLINE_ENV, get_base_dir, print0
-from nanochat.common import inputs_offline as tasks_offline
+from nanochat.common import OFFLINE_ENV, get_base_dir, inputs_offline, print0
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +215,7 @@ class RowCheck:
     def __init__(self, what: str, parse: Callable, max_rejected: float = MAX_REJECTED_FRACTION):
         self.what, self.parse, self.max_rejected = what, parse, max_rejected
         self.seen, self.rejected, self.first_rejection = 0, 0, ""
-        self.reasons = Counter()  # a MalformedRow's reason (nanochat.kat.pairs), else the first words of the error
+        self.reasons = Counter()  # a MalformedRow's reason (nanochat.kat.pairs), else the error's type
 
     def accepts(self, row, location: str) -> bool:
         self.seen += 1
@@ -328,7 +327,7 @@ def local_rows_path(local_name: str) -> Path | None:
     if own.exists():
         return own
     sample = SAMPLES_DIR / f"{local_name}.jsonl"
-    if tasks_offline() and sample.exists():
+    if inputs_offline() and sample.exists():
         return sample
     return None
 
@@ -345,7 +344,7 @@ def load_rows(hf_id: str, config: str | None, split: str, local_name: str):
         return rows
     own = task_data_dir() / f"{local_name}.jsonl"
     what = f"{hf_id}" + (f" (config {config!r}, split {split!r})" if config else f" (split {split!r})")
-    if tasks_offline():
+    if inputs_offline():
         raise TaskDataMissing(
             f"{what}: {OFFLINE_ENV}=1 but neither {own} nor a bundled sample {SAMPLES_DIR / (local_name + '.jsonl')} "
             f"exists. Put the rows there as JSONL (one hub row per line), or unset {OFFLINE_ENV} to download.")
@@ -375,7 +374,7 @@ def resolve_data_file(filename: str, url: str, sample_name: str) -> Path:
     path = get_base_dir() / filename
     if path.exists():
         return path
-    if tasks_offline():
+    if inputs_offline():
         sample = SAMPLES_DIR / sample_name
         if not sample.exists():
             raise TaskDataMissing(f"{OFFLINE_ENV}=1 but neither {path} nor the bundled sample {sample} exists; "

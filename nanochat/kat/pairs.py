@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from nanochat.common import get_base_dir, progress_bar
 from nanochat.kat.data import ID_MAP_FILE, PAIRS_FILE, PROMPTS_FILE, SPLITS, STATS_FILE, iter_jsonl, stats_section
 from nanochat.kat.html_text import html_to_text
-from nanochat.common import get_base_dir, progress_bar
 
 SOURCES = ("hh-rlhf", "ultrafeedback", "stack-exchange")
 
