@@ -11,7 +11,7 @@ so the verdict cannot come from the model's code. Passing means check() returned
 import re
 
 from nanochat.execution import check_function
-from tasks.common import RowsTask, load_rows
+from tasks.common import HubSplit, RowsTask
 
 CODE_BLOCK_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -37,9 +37,9 @@ def extract_program(completion: str) -> str:
 class HumanEval(RowsTask):
     eval_type = "generative"
 
-    def __init__(self, timeout: float = 5.0, **slicing):
-        super().__init__(load_rows("openai/openai_humaneval", None, "test", "humaneval"), **slicing)
+    def __init__(self, timeout: float = 5.0, rows=None, **slicing):
         self.timeout = timeout
+        super().__init__(HubSplit("openai/openai_humaneval", None, "test", "humaneval"), rows, **slicing)
 
     def row_to_conversation(self, row: dict) -> dict:
         prompt = row["prompt"] if row["prompt"].endswith("\n") else row["prompt"] + "\n"
