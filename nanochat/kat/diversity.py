@@ -264,6 +264,20 @@ def across_prompt_distance(embeddings, prompt_rows=None) -> float:
     return float(1.0 - (centroids @ centroids.T)[different].mean())
 
 
+def across_prompt_distances(embeddings) -> np.ndarray:
+    """
+    [P]: each prompt's mean 1 - cos between its samples and those of every other prompt; their
+    mean is across_prompt_distance, so the corpus figure splits into per-prompt values a bootstrap
+    over prompts (and an interpolation along a trajectory) can work with.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 3 or len(x) < 2:
+        raise ValueError(f"need [P, N, D] embeddings of at least two prompts, got shape {x.shape}")
+    centroids = x.mean(axis=1)
+    similarities = centroids @ centroids.T
+    return 1.0 - (similarities.sum(axis=1) - np.diag(similarities)) / (len(x) - 1)
+
+
 # -----------------------------------------------------------------------------
 # All per-prompt metrics at once
 
