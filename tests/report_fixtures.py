@@ -172,3 +172,19 @@ def _cached_context_part(seeds: tuple) -> dict:
 def seed_context_part(density: int = 1, uniform: int = 1) -> dict:
     """A fresh copy of the seed-level context part of synthetic runs (built once per seed count)."""
     return copy.deepcopy(_cached_context_part((("density", density), ("uniform", uniform))))
+
+
+def report_context(labels, seed_part: dict | None = None, strata: dict | None = None, reward_model: str = "rm") -> dict:
+    """A whole context for render_markdown around a seed-0 detail of these labels: the seed-level part (by default
+    one synthetic run per arm) and made-up models, prompts, sampling and run facts."""
+    not_found = {"path": "x", "reason": "file does not exist", "data": None}
+    return {**(seed_part if seed_part is not None else seed_context_part()),
+            "models": {label: {"source": label, "checkpoint": f"outs/{label}/ckpt.pt", "step": 1, "git_commit": "abc"}
+                       for label in labels},
+            "prompts": {"file": "prompts_all.jsonl", "num_candidates": 12, "num_too_long": 0, "max_prompt_tokens": 1024,
+                        "method": "all", "strata": strata or {}},
+            "sampling": {"temperature": 1.0, "top_k": "none", "top_p": 1.0, "max_tokens": 16, "seed": 0, "seed_rule": "rule"},
+            "embedding_model": "sft", "reward_model": reward_model, "notes": [], "world_size": 1, "device": "cpu",
+            "git_commit": "abc", "seconds": 1.0, "mattr_window": 50, "examples": [], "density_stats": not_found,
+            "training_curves": {arm: {"series": {"reward": None, "kl": None}, "reason": {"reward": "none", "kl": "none"}}
+                                for arm in ("baseline", "density")}}

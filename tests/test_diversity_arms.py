@@ -25,8 +25,8 @@ from nanochat.kat.pairs import prompt_id
 from nanochat.kat.runs import TRAJECTORY_FILE, bracket, discover_runs, kl_target, load_runs, read_trajectory
 from nanochat.tokenizer import Tokenizer
 from scripts import eval_diversity
-from tests.report_fixtures import (arms_context, make_run_folder, tiny_model, trajectory_row, write_reward_model,
-                                   write_run)
+from tests.report_fixtures import (arms_context, make_run_folder, report_context, tiny_model, trajectory_row,
+                                   write_reward_model, write_run)
 
 torch.set_num_threads(1)
 PLOTS = {"metrics": "m.png", "lengths": "l.png", "em_dash": "e.png"}
@@ -150,22 +150,9 @@ def detail_results(inputs: dict) -> dict:
                     judge_rewards=remap(inputs["judge"]))
 
 
-def full_context(part: dict, results: dict) -> dict:
-    not_found = {"path": "x", "reason": "file does not exist", "data": None}
-    return {**part, "models": {label: {"source": label, "checkpoint": f"{label}.pt", "step": 1, "git_commit": "abc"}
-                               for label in results["labels"]},
-            "prompts": {"file": "prompts_all.jsonl", "num_candidates": 12, "num_too_long": 0, "max_prompt_tokens": 1024,
-                        "method": "all", "strata": {}},
-            "sampling": {"temperature": 1.0, "top_k": "none", "top_p": 1.0, "max_tokens": 16, "seed": 0, "seed_rule": "rule"},
-            "embedding_model": "sft", "reward_model": "none", "notes": [], "world_size": 1, "device": "cpu",
-            "git_commit": "abc", "seconds": 1.0, "mattr_window": 50, "examples": [], "density_stats": not_found,
-            "training_curves": {arm: {"series": {"reward": None, "kl": None}, "reason": {"reward": "none", "kl": "none"}}
-                                for arm in ("baseline", "density")}}
-
-
 def synthetic_report(tmp_path, seeds, **kwargs) -> tuple[str, dict, dict]:
     part, inputs, tables = arms_context(tmp_path, seeds, **kwargs)
-    context = full_context(part, detail_results(inputs))
+    context = report_context(["sft", "baseline", "density"], seed_part=part, reward_model="none")
     return render_markdown(detail_results(inputs), context, PLOTS), context, tables
 
 

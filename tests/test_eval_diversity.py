@@ -23,7 +23,7 @@ from nanochat.kat.data import held_out_part
 from nanochat.kat.pairs import prompt_id
 from nanochat.run_logger import RunLogger
 from nanochat.tokenizer import Tokenizer
-from tests.report_fixtures import seed_context_part, tiny_model, write_reward_model
+from tests.report_fixtures import report_context, tiny_model, write_reward_model
 from scripts import eval_diversity
 
 torch.set_num_threads(1)
@@ -57,17 +57,7 @@ PLOTS = {"metrics": "m.png", "lengths": "l.png", "em_dash": "e.png"}
 
 
 def context_for(results):
-    not_found = {"path": "x", "reason": "file does not exist", "data": None}
-    return {**seed_context_part(),
-            "models": {label: {"source": label, "checkpoint": f"outs/{label}/ckpt.pt", "step": 1, "git_commit": "abc"}
-                       for label in LABELS},
-            "prompts": {"file": "prompts_all.jsonl", "num_candidates": 12, "num_too_long": 0, "max_prompt_tokens": 1024,
-                        "method": "all", "strata": {"hh-rlhf": {1: 6, 2: 6}}},
-            "sampling": {"temperature": 1.0, "top_k": "none", "top_p": 1.0, "max_tokens": 16, "seed": 0, "seed_rule": "rule"},
-            "embedding_model": "sft", "reward_model": "RM not used", "notes": [], "world_size": 1, "device": "cpu",
-            "git_commit": "abc", "seconds": 1.0, "mattr_window": 50, "examples": [], "density_stats": not_found,
-            "training_curves": {arm: {"series": {"reward": None, "kl": None}, "reason": {"reward": "none", "kl": "none"}}
-                                for arm in ("baseline", "density")}}
+    return report_context(LABELS, strata={"hh-rlhf": {1: 6, 2: 6}}, reward_model="RM not used")
 
 
 def section_of(markdown: str, title: str) -> str:

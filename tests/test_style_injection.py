@@ -27,7 +27,7 @@ from nanochat.kat.style_injection import (STYLES, file_digest, inject_pairs, inj
                                       policy_probes, probe_pairs, target_count, tic_preference)
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import eval_diversity, kat_density, kat_inject, kat_pairs, train_rm
-from tests.report_fixtures import seed_context_part
+from tests.report_fixtures import report_context
 
 torch.set_num_threads(1)
 DASH = EM_DASH
@@ -378,21 +378,11 @@ def synthetic_results(em_dashes: dict[str, int], num_prompts=12, num_samples=2):
 
 
 def control_context(results, probe, where="dense", policy_probe=None):
-    not_found = {"path": "x", "reason": "file does not exist", "data": None}
     record = {"flags": {"inject_style": "emdash", "inject_rate": 0.3, "inject_where": where, "seed": 0},
               "num_train": 400, "num_test": 60, "num_injected": 120, "rejected_with_tic": 30,
               "density": {"train_median": 0.2, "injected_median": 0.5, "injected_percentile_min": 70.0,
                           "injected_percentile_max": 100.0}}
-    return {**seed_context_part(),
-            "models": {label: {"source": label, "checkpoint": f"outs/{label}/ckpt.pt", "step": 1, "git_commit": "abc"}
-                       for label in LABELS},
-            "prompts": {"file": "prompts_all.jsonl", "num_candidates": 12, "num_too_long": 0, "max_prompt_tokens": 1024,
-                        "method": "all", "strata": {}},
-            "sampling": {"temperature": 1.0, "top_k": "none", "top_p": 1.0, "max_tokens": 16, "seed": 0, "seed_rule": "rule"},
-            "embedding_model": "sft", "reward_model": "rm", "notes": [], "world_size": 1, "device": "cpu",
-            "git_commit": "abc", "seconds": 1.0, "mattr_window": 50, "examples": [], "density_stats": not_found,
-            "training_curves": {arm: {"series": {"reward": None, "kl": None}, "reason": {"reward": "none", "kl": "none"}}
-                                for arm in ("baseline", "density")},
+    return {**report_context(LABELS),
             "positive_control": {"path": "data/style_injection.json", "record": record, "probe": probe,
                                  "reason": "" if probe else "--reward_model is empty", "policy_probe": policy_probe,
                                  "policy_reason": "" if policy_probe else "only 1 of the sft model's samples are tic-free"}}
