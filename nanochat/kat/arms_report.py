@@ -123,8 +123,9 @@ def verdict_section(context: dict) -> list[str]:
               f"uniform runs ({r['method']}): {_result_words(r)}; {r['n']} prompts."]
     floor = analysis["largest_noise_floor"]
     if math.isfinite(floor):
+        pairs = len(analysis["noise_floor"])
         lines.append(f"- Noise floor: two uniform runs that differ only in their seed differ by up to {fmt(floor)} "
-                     f"(|uniform_i - uniform_j|, {len(analysis['noise_floor'])} pairs), against |{fmt(r['diff'])}| "
+                     f"(|uniform_i - uniform_j|, {pairs} pair{'s' if pairs > 1 else ''}), against |{fmt(r['diff'])}| "
                      "between the arms.")
     else:
         lines.append("- Noise floor: not measured (it needs 2 uniform runs).")
