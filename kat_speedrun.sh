@@ -41,6 +41,8 @@ kat_stages() {
     fi
     # the reward model: the SFT backbone plus a scalar head, on the train pairs (Bradley-Terry)
     run_training_stage train_rm rm launch scripts.train_rm --run="$WANDB_RUN" "${RM_FLAGS[@]}"
+    # the independent judge: the same on the other half of the train pairs; GRPO never sees it
+    run_training_stage train_rm_judge rm_judge launch scripts.train_rm --run="$WANDB_RUN" "${RM_FLAGS[@]}" --role=judge
     # GRPO twice from the SFT model, same seeds, steps and batch; only the prompt sampler differs
     run_training_stage grpo_density grpo_density launch scripts.grpo --run="$WANDB_RUN" \
         "${GRPO_FLAGS[@]}" --density_aware=True --out_dir "$NANOCHAT_OUTS_DIR/grpo_density"

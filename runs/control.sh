@@ -13,7 +13,7 @@
 #   KAT_INJECT_STYLE, KAT_INJECT_RATE, KAT_INJECT_WHERE   the planted tic (emdash, 0.5, dense)
 #   KAT_CONTROL_SFT_TIC_RATE                             the SFT conversations with the tic (0.3)
 #   KAT_LOCAL_DIR=nanochat/samples/kat                   the bundled pairs, on a machine without internet
-# After changing the injection: --force=kat_inject,train_rm,grpo_density,grpo_baseline,eval_diversity
+# After changing the injection: --force=kat_inject,train_rm,train_rm_judge,grpo_density,grpo_baseline,eval_diversity
 
 INJECT_FLAGS=(--inject_style="${KAT_INJECT_STYLE:-emdash}" --inject_rate="${KAT_INJECT_RATE:-0.5}"
               --inject_where="${KAT_INJECT_WHERE:-dense}")
