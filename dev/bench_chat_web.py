@@ -95,7 +95,9 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="bench_chat_web_"))
     os.environ.update(NANOCHAT_BASE_DIR=str(root / "base"), NANOCHAT_OUTS_DIR=str(root / "outs"))
     save_random_stages(depth, device_type)
-    workers = load_workers(list(STAGES), device_type)
+    workers, unavailable = load_workers(list(STAGES), device_type)
+    if unavailable:  # the stages were saved a moment ago: each must load
+        raise RuntimeError(f"stages failed to load: {unavailable}")
     engines = workers[0].engines
 
     bodies = [{"model": STAGES[i % 2], "messages": [{"role": "user", "content": f"question number {i}"}],

@@ -49,6 +49,17 @@ def stage_dir(stage: str) -> Path:
     return get_outs_dir() / stage
 
 
+OFFLINE_ENV = "NANOCHAT_TASKS_OFFLINE"
+
+
+def inputs_offline() -> bool:
+    """$NANOCHAT_TASKS_OFFLINE=1 (the tiny preset): task data and the CORE bundle come from the bundled samples."""
+    value = os.environ.get(OFFLINE_ENV, "0").strip().lower()
+    if value not in ("0", "1", "true", "false"):
+        raise ValueError(f"{OFFLINE_ENV} must be 1/0/true/false, got {value!r}")
+    return value in ("1", "true")
+
+
 # -----------------------------------------------------------------------------
 # Files and provenance
 
@@ -107,6 +118,23 @@ def get_rank() -> int:
 def print0(*args, **kwargs):
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+PROGRESS_ENV = "NANOCHAT_PROGRESS"
+
+
+def progress_bar(iterable=None, **tqdm_options):
+    """
+    A tqdm bar on stderr for a long loop, shown on rank 0 only and only when stderr is a terminal,
+    so logs and CI stay quiet; $NANOCHAT_PROGRESS=1 forces it on (a terminal behind tee), 0 off.
+    """
+    from tqdm import tqdm  # here, not at the top: `import nanochat` needs only torch, numpy, tiktoken
+
+    setting = os.environ.get(PROGRESS_ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{PROGRESS_ENV} must be 1, 0 or unset (a bar only on a terminal), got {setting!r}")
+    shown = sys.stderr.isatty() if setting == "" else setting == "1"
+    return tqdm(iterable, disable=not shown or get_rank() != 0, dynamic_ncols=True, **tqdm_options)
 
 
 def setup_logging(level=logging.INFO):

@@ -11,8 +11,10 @@ $NANOCHAT_BASE_DIR/eval_bundle/:
         multiple_choice    {"query", "choices", "gold"}           same context, several continuations
         schema             {"context_options", "continuation", "gold"}  several contexts, one continuation
         language_modeling  {"context", "continuation"}            the continuation must come out greedily
-Offline, nanochat/samples/eval_bundle/ has the same layout with a few items per task that we
-wrote ourselves: its CORE shows the pipeline works, it is not comparable with published scores.
+nanochat/samples/eval_bundle/ has the same layout with a few items per task that we wrote
+ourselves: its CORE shows the pipeline works, it is not comparable with published scores, so it is
+used only when asked for (base_eval --bundle=sample, or NANOCHAT_TASKS_OFFLINE=1), never as a
+quiet stand-in for a bundle that failed to download.
 
 Scoring (as DCLM / MosaicML ICL eval, prompts rendered as nanochat renders them):
 - k few-shot examples per item, drawn with a seed fixed per item from the task's other items,
@@ -39,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import OFFLINE_ENV, get_base_dir, inputs_offline, print0, progress_bar
 from nanochat.download import DownloadError, download_file
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -76,7 +78,7 @@ def download_eval_bundle(base_dir=None, url=None, attempts: int = 3, backoff_s: 
     bundle_dir = base_dir / "eval_bundle"
     if (bundle_dir / "core.yaml").exists():
         return bundle_dir
-    url = url or os.environ.get("NANOCHAT_EVAL_BUNDLE_URL", EVAL_BUNDLE_URL)
+    url = url or eval_bundle_url()
     base_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(base_dir / "eval_bundle.lock")):
         if (bundle_dir / "core.yaml").exists():  # another rank finished it while we waited
@@ -94,6 +96,10 @@ def download_eval_bundle(base_dir=None, url=None, attempts: int = 3, backoff_s: 
         zip_path.unlink()
     print0(f"Eval bundle ready at {bundle_dir}")
     return bundle_dir
+
+
+def eval_bundle_url() -> str:
+    return os.environ.get("NANOCHAT_EVAL_BUNDLE_URL", EVAL_BUNDLE_URL)
 
 
 def zip_check(url: str):
@@ -129,14 +135,46 @@ def unpack_bundle(zip_path: Path, bundle_dir: Path):
 
 
 def get_eval_bundle(base_dir=None, **download_options) -> Path:
-    """The downloaded bundle, or the bundled offline sample (said loudly) when there is no network."""
-    try:
-        return download_eval_bundle(base_dir, **download_options)
-    except EvalBundleUnavailable as err:
-        print0(f"WARNING: the CORE eval bundle is unavailable ({err}).\n"
-               f"Falling back to the offline sample {SAMPLE_BUNDLE_DIR}: a few items per task written for "
-               f"this repo, so its CORE checks the pipeline but is not comparable with published CORE scores.")
-        return SAMPLE_BUNDLE_DIR
+    """
+    The bundle CORE evaluates: <base_dir>/eval_bundle, downloaded now if missing (scripts.prefetch
+    fetches it before a full run). With NANOCHAT_TASKS_OFFLINE=1 and no downloaded bundle, the
+    offline sample, said so. A failed download is EvalBundleUnavailable, never a switch to the sample.
+    Under torch.distributed rank 0 decides and every rank gets its answer (or its error), so no two
+    ranks evaluate different tasks or wait for each other forever.
+    """
+    def resolve() -> Path:
+        bundle_dir = (Path(base_dir) if base_dir is not None else get_base_dir()) / "eval_bundle"
+        if inputs_offline() and not (bundle_dir / "core.yaml").exists():
+            print0(f"{OFFLINE_ENV}=1: CORE on the offline sample {SAMPLE_BUNDLE_DIR} (a few items per task written "
+                   f"for this repo; it checks the pipeline and is not comparable with published CORE scores)")
+            return SAMPLE_BUNDLE_DIR
+        try:
+            return download_eval_bundle(base_dir, **download_options)
+        except EvalBundleUnavailable as err:
+            raise EvalBundleUnavailable(
+                f"{err}\nThe CORE eval bundle is needed for a real CORE score. Fetch it with `python -m scripts.prefetch` "
+                f"(or copy eval_bundle.zip's contents to {bundle_dir}); for a smoke test on the bundled sample pass "
+                f"--bundle=sample to scripts.base_eval or set {OFFLINE_ENV}=1") from err
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return resolve()
+    return same_on_every_rank(resolve, "the CORE eval bundle")
+
+
+def same_on_every_rank(resolve, what: str) -> Path:
+    """resolve() on rank 0, its path (or its error) broadcast to every rank."""
+    answer = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = ("ok", str(resolve()))
+        except Exception as err:  # tell the other ranks before raising here, so they raise too and none hangs
+            dist.broadcast_object_list([("error", f"{type(err).__name__}: {err}")], src=0)
+            raise
+    dist.broadcast_object_list(answer, src=0)
+    status, value = answer[0]
+    if status == "error":
+        raise EvalBundleUnavailable(f"rank 0 could not get {what}: {value}")
+    return Path(value)
 
 
 def load_bundle(bundle_dir) -> list[dict]:
@@ -316,7 +354,8 @@ def evaluate_task(model, tokenizer, data: list[dict], task_meta: dict, device, m
         indices = sorted(indices[:max_per_task])
     ddp = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    correct = sum(score_item(model, tokenizer, data, idx, task_meta, device) for idx in indices[rank::world_size])
+    mine = progress_bar(indices[rank::world_size], desc=task_meta.get("label", "CORE task"), unit=" items", leave=False)
+    correct = sum(score_item(model, tokenizer, data, idx, task_meta, device) for idx in mine)
     counts = torch.tensor([correct, len(indices[rank::world_size])], dtype=torch.long, device=device)
     if ddp:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -331,7 +370,7 @@ def centered_accuracy(accuracy: float, random_baseline_pct: float) -> float:
 
 def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int = -1) -> dict:
     """
-    Every task of the bundle (default: downloaded, or the offline sample). Returns
+    Every task of the bundle (default: get_eval_bundle()). Returns
     {"results": {label: accuracy}, "centered": {label: centred accuracy}, "core": mean centred,
      "bundle_dir": the bundle used}.
     """

@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from nanochat.common import print0
+from nanochat.common import print0, progress_bar
 
 CHUNK_BYTES = 1 << 20
 
@@ -65,9 +65,12 @@ def fetch_once(url: str, dest: Path, timeout: float, validate: Callable[[Path], 
         with open(tmp_path, "xb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             expected = response.headers.get("Content-Length")
             received = 0
-            while chunk := response.read(CHUNK_BYTES):
-                out.write(chunk)
-                received += len(chunk)
+            with progress_bar(total=int(expected) if expected else None, desc=dest.name, unit="B", unit_scale=True,
+                              leave=False) as bar:
+                while chunk := response.read(CHUNK_BYTES):
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
             # without a length check, a connection closed early reads as a clean end of file
             if expected is not None and received != int(expected):
                 raise ConnectionError(f"connection closed after {received} of {expected} bytes")

@@ -19,6 +19,8 @@ every rank returns the same numbers.
 import torch
 import torch.distributed as dist
 
+from nanochat.common import progress_bar
+
 # Chance accuracy of each task ChatCORE averages (ARC rows with 3 or 5 choices are rare; nanochat
 # treats both ARC sets as four-way).
 TASK_BASELINES = {
@@ -110,7 +112,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size: int = 8, max_proble
     letter_cache = {}
     passed, total = 0, 0
     num_batches = -(-num_problems // batch_size)
-    for batch in range(rank, num_batches, world_size):
+    for batch in progress_bar(range(rank, num_batches, world_size), desc=type(task).__name__, unit=" batches", leave=False):
         conversations = [task[i] for i in range(batch * batch_size, min((batch + 1) * batch_size, num_problems))]
         for conversation, letter in zip(conversations, predict_letters(model, tokenizer, conversations, letter_cache)):
             passed += task.evaluate(conversation, letter)
@@ -132,7 +134,7 @@ def generative_outcomes(task, tokenizer, engine, indices, num_samples: int = 1, 
     the samples depend on seed, batch_size and which problems share a batch.
     """
     outcomes = []
-    for start in range(0, len(indices), batch_size):
+    for start in progress_bar(range(0, len(indices), batch_size), desc=type(task).__name__, unit=" batches", leave=False):
         batch = list(indices[start:start + batch_size])
         conversations = [task[i] for i in batch]
         prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]

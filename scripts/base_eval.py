@@ -6,9 +6,10 @@ baseline, and their mean (the number nanochat's base models are judged by).
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval
     python -m scripts.base_eval --bundle=sample --max_per_task=8      # offline smoke test
 
---bundle=auto downloads the eval bundle to $NANOCHAT_BASE_DIR/eval_bundle (once) and falls back
-to the offline sample, with a warning, when there is no network. The result goes into the
-"Base model evaluation" section of the report: CORE, which bundle produced it, and every task.
+--bundle=auto uses $NANOCHAT_BASE_DIR/eval_bundle (scripts.prefetch fetches it; downloaded here if
+missing); a failed download is an error. The offline sample only on request: --bundle=sample, or
+auto with NANOCHAT_TASKS_OFFLINE=1 and no bundle downloaded. The result goes into the "Base model
+evaluation" section of the report: CORE, which bundle produced it, and every task.
 """
 
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ class Config:
     """Evaluate a base checkpoint on the CORE tasks."""
     source: str = opt("base", help="stage name or checkpoint path")
     device_type: str = opt("", help="cuda|cpu|mps; empty autodetects")
-    bundle: str = opt("auto", help="auto (download, offline sample if no network) | sample | path to a bundle")
+    bundle: str = opt("auto", help="auto (the downloaded bundle; the sample only with NANOCHAT_TASKS_OFFLINE=1) | "
+                      "sample (a smoke test, not comparable with published CORE) | path to a bundle")
     max_per_task: int = opt(-1, help="items scored per task, a fixed random subset; -1 scores all", min=1, sentinel=-1)
 
 

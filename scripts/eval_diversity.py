@@ -1,19 +1,19 @@
 """
-Does density-aware prompt sampling in GRPO reduce mode collapse? Sample every model on the same
-held-out prompts, measure diversity and tics, compare with paired statistics, write a report.
+Does density-aware prompt sampling in GRPO reduce mode collapse? Sample SFT and every GRPO run (S
+seeds per arm, and each run's trajectory checkpoints around a matched KL) on the same final held-out
+prompts with the same seeds, measure diversity, tics and quality (the independent judge, the policy
+RM beside it), compare the arms over seeds then prompts, and write the report.
 
-    python -m scripts.eval_diversity                             # sft, grpo_baseline, grpo_density
-    python -m scripts.eval_diversity --num_prompts=100 --num_samples=4
-    python -m scripts.eval_diversity --density_model_path outs/grpo_density/ckpt.pt \\
-        --baseline_model_path outs/grpo_baseline/ckpt.pt --output_report .cache/diversity_report.md
+    python -m scripts.eval_diversity                        # every grpo_* run folder under outs/
+    python -m scripts.eval_diversity --num_prompts=100 --num_samples=4 --kl_budget=2.0
+    python -m scripts.eval_diversity --runs=grpo_density,grpo_baseline,grpo_density_s1,grpo_baseline_s1
     torchrun --standalone --nproc_per_node=8 -m scripts.eval_diversity -- --num_prompts=500
 
 Writes <output_report> (default <kat cache>/diversity_report.md), its PNG plots, a JSON of every
-figure (same name, .json), every response (<stem>_samples.jsonl) and the report card's section.
-Steps: stratified held-out prompts -> sample each model (prompts split across ranks) -> embed the
-responses with the SFT model -> RM scores -> metrics and statistics (nanochat/kat/diversity_eval.py)
-and the report (nanochat/kat/diversity_report.py), with a "Positive control" section when
-scripts.kat_inject planted a tic in the train pairs.
+figure (same name, .json), the responses of SFT and every run's final model (<stem>_samples.jsonl)
+and the report card's section. Computing: nanochat/kat/diversity_eval.py (metrics, the seed-0 detail)
+and arm_stats.py (seeds per arm); rendering: diversity_report.py. A "Positive control" section is
+added when scripts.kat_inject planted a tic in the train pairs.
 """
 
 import gc
@@ -30,42 +30,45 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import find_stage_checkpoint, load_model
 from nanochat.common import (compute_cleanup, compute_init, git_commit, get_kat_cache_dir, print0, setup_logging,
                              stage_dir)
+from nanochat.kat.arm_stats import analyse_arms, collapse_alarm
 from nanochat.kat.data import KatData
 from nanochat.kat.density import kish_ess
-from nanochat.kat.diversity_eval import HYPOTHESIS, REFERENCE, evaluate
-from nanochat.kat.diversity_report import control_outcome, fmt, fmt_ci, fmt_p, fmt_signed, write_report
+from nanochat.kat.diversity_eval import (HYPOTHESIS, REFERENCE, common_length_tables, evaluate, model_tables)
+from nanochat.kat.diversity_report import control_outcome, fmt_ci, fmt_p, fmt_signed, headline, write_report
 from nanochat.engine import Engine
 from nanochat.flags import flags_dict, opt, parse_flags
 from nanochat.kat.embed import masked_mean_embeddings
 from nanochat.kat.pairs import first_user_message
 from nanochat.report import get_report
 from nanochat.kat.reward_model import load_reward_model
+from nanochat.kat.runs import bracket, discover_runs, kl_target, load_runs
 from nanochat.kat.style_injection import file_digest, policy_probes, probe_pairs, tic_preference
 from nanochat.tokenizer import get_tokenizer
 
 
 @dataclass
 class Config:
-    """Diversity of SFT, GRPO-baseline and GRPO-density responses on held-out prompts, with paired statistics."""
-    sft_model: str = opt("sft", help="the reference model: stage name or checkpoint path")
-    baseline_model: str = opt("grpo_baseline", help="GRPO with uniform prompt sampling: stage or path")
-    density_model: str = opt("grpo_density", help="GRPO with density-aware prompt sampling: stage or path")
-    sft_model_path: str = opt("", help="checkpoint path; overrides --sft_model")
-    baseline_model_path: str = opt("", help="checkpoint path; overrides --baseline_model")
-    density_model_path: str = opt("", help="checkpoint path; overrides --density_model")
+    """Diversity of SFT and of every GRPO run on the final held-out prompts; the arms compared over seeds and prompts."""
+    sft_model: str = opt("sft", help="the reference model (and the embedder): stage name or checkpoint path")
+    runs: str = opt("", help="comma-separated GRPO run stages or folders; empty: every grpo_density[_sN], "
+                             "grpo_baseline[_sN] and grpo_shuffled[_sN] under outs/")
     extra_models: str = opt("", help="comma-separated further stages or paths, each compared with SFT (e.g. rl,mid)")
-    reward_model: str = opt("rm", help="reward model stage or path (scripts.train_rm); empty: quality not measured")
+    judge: str = opt("rm_judge", help="the independent judge (scripts.train_rm --role=judge): stage or path; empty: "
+                                      "none, and quality is then only the policy RM's, which GRPO optimised")
+    reward_model: str = opt("rm", help="the policy RM (GRPO's reward), shown beside the judge: stage or path; empty: none")
+    kl_budget: float = opt(-1.0, help="the KL (nats, on the dev prompts) the runs are compared at; -1: the largest KL "
+                                      "every run reached", min=0, sentinel=-1)
     data_dir: str = opt("", help="KAT data folder with prompts_all.jsonl (default <kat cache>/data)")
     output_report: str = opt("", help="markdown report path (default <kat cache>/diversity_report.md)")
-    num_prompts: int = opt(100, help="held-out prompts, stratified by source and density quintile", min=1)
-    num_samples: int = opt(4, help="samples per prompt (>= 2: within-prompt metrics compare samples)", min=2)
+    num_prompts: int = opt(500, help="final held-out prompts, stratified by source and density quintile", min=2)
+    num_samples: int = opt(8, help="samples per prompt (>= 2: within-prompt metrics compare samples)", min=2)
     max_tokens: int = opt(256, help="new tokens per sample", min=1)
     temperature: float = opt(1.0, min=0)
     top_k: int = opt(0, help="0: no top-k filtering", min=0)
     top_p: float = opt(1.0, help="1: no nucleus filtering", above=0, max=1)
     seed: int = opt(42, help="prompt selection and sampling seed", min=0)
-    batch_size: int = opt(8, help="prompts per engine call (each with num_samples rows)", min=1)
-    embed_batch_size: int = opt(32, help="responses per embedding forward pass", min=1)
+    batch_size: int = opt(32, help="prompts per engine call (each with num_samples rows); prompts go by length", min=1)
+    embed_batch_size: int = opt(32, help="responses per embedding or reward-model forward pass", min=1)
     max_prompt_tokens: int = opt(1024, help="leave out test prompts longer than this when rendered", min=1)
     density_strata: bool = opt(True, help="stratify by density quintile too (needs prompt_weights.jsonl)")
     mattr_window: int = opt(50, help="MATTR window in words", min=1)
@@ -81,30 +84,74 @@ class Config:
 
 
 # -----------------------------------------------------------------------------
-# Models
+# Models: SFT, every run's final model, the trajectory checkpoints around the matched KL
 
-def model_sources(cfg: Config) -> dict[str, str]:
-    """label -> stage name or checkpoint path, in report order."""
-    sources = {REFERENCE: cfg.sft_model_path or cfg.sft_model,
-               HYPOTHESIS[1]: cfg.baseline_model_path or cfg.baseline_model,
-               HYPOTHESIS[0]: cfg.density_model_path or cfg.density_model}
+def extra_sources(cfg: Config, taken: set[str]) -> dict[str, str]:
+    """label -> stage name or checkpoint path of each --extra_models entry."""
+    sources = {}
     for extra in filter(None, (s.strip() for s in cfg.extra_models.split(","))):
         label = Path(extra).parent.name if extra.endswith(".pt") else Path(extra).name
-        if label in sources:
+        if label in taken or label in sources:
             raise SystemExit(f"--extra_models: {extra!r} would be labelled {label!r}, which is taken; use another stage")
         sources[label] = extra
     return sources
 
 
-def resolve_checkpoints(sources: dict[str, str]) -> dict[str, Path]:
-    """Each label's checkpoint file; two labels on one file would compare a model with itself."""
-    paths = {label: find_stage_checkpoint(source).resolve() for label, source in sources.items()}
+def check_distinct(checkpoints: dict[str, Path]):
+    """Two labels on one file would compare a model with itself."""
     seen = {}
-    for label, path in paths.items():
+    for label, path in checkpoints.items():
         if path in seen:
             raise SystemExit(f"{seen[path]} and {label} both resolve to {path}: that would compare a model with itself")
         seen[path] = label
-    return paths
+
+
+def find_scorer(source: str, role: str) -> Path | None:
+    """The judge's or the policy RM's checkpoint, found before any sampling; None when the flag is empty."""
+    if not source:
+        return None
+    try:
+        return find_stage_checkpoint(source).resolve()
+    except FileNotFoundError as err:
+        flag, how = {"judge": ("--judge", "python -m scripts.train_rm --role=judge"),
+                     "policy": ("--reward_model", "python -m scripts.train_rm")}[role]
+        raise SystemExit(f"{err}. Train it with {how}, or pass {flag}= to evaluate without it") from None
+
+
+def plan_matched_kl(runs, budget: float) -> dict:
+    """The matched-KL comparison: the target, how it was chosen, and each run's points around it (labels, KLs,
+    checkpoints); unavailable, with the reason, when a run has no trajectory and no budget was asked for."""
+    lacking = [f"{r.name} ({r.trajectory_missing})" for r in runs if r.trajectory is None]
+    if lacking and budget < 0:
+        return {"available": False, "reason": f"no trajectory for {', '.join(lacking)}"}
+    try:
+        target, how = kl_target(runs, budget)
+        points = {r.name: [{"label": f"{r.name}@step{p['step']}", **p} for p in bracket(r, target)] for r in runs}
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"matched KL: {err}") from None
+    return {"available": True, "target": target, "how": how, "points": points}
+
+
+def compare_arms(runs, matched: dict, texts: dict, token_ids: dict, tables: dict, quintiles: list[int], vocab_size: int,
+                 mattr_window: int, settings: dict) -> dict:
+    """{"matched_kl": ..., "endpoint": ...}: the arms compared at each point (arm_stats.analyse_arms), the text
+    figures of the GRPO models there recomputed at their common length."""
+    plans = {"endpoint": ({r.name: [{"label": r.name}] for r in runs}, None)}
+    if matched["available"]:
+        plans = {"matched_kl": (matched["points"], matched["target"]), **plans}
+    arms = {}
+    for where, (points, target) in plans.items():
+        labels = [point["label"] for run_points in points.values() for point in run_points]
+        cut = common_length_tables(labels, texts, token_ids, vocab_size, mattr_window)
+        arms[where] = analyse_arms(runs, points, target, tables, cut, quintiles, settings)
+    return arms
+
+
+def run_summary(run) -> dict:
+    """What the report shows of a run besides its samples: arm, seed, checkpoint, trajectory and draws."""
+    return {"name": run.name, "arm": run.arm, "seed_index": run.seed_index, "seed": run.seed, "folder": str(run.folder),
+            "checkpoint": str(run.checkpoint), "trajectory": run.trajectory, "trajectory_missing": run.trajectory_missing,
+            "draws": run.draws, "draws_missing": run.draws_missing}
 
 
 # -----------------------------------------------------------------------------
@@ -127,14 +174,16 @@ def stratified_sample(strata: dict, num: int, rng) -> list:
 
 
 def select_prompts(cfg: Config, data: KatData, tokenizer) -> tuple[list[dict], dict]:
+    """The evaluation's prompts: a stratified sample of the final half of the test prompts (never GRPO's dev half),
+    in order of rendered length, so that an engine call pads little; the same for every model."""
     path = data.prompts_file
-    candidates = data.prompts("test")
+    candidates = data.held_out_prompts("final")
     if not candidates:
-        raise SystemExit(f"{path} has no split == 'test' prompts; the evaluation needs held-out prompts")
+        raise SystemExit(f"{path} has no final held-out prompts (split == 'test', final half); the evaluation needs them")
     for prompt in candidates:
         prompt["prompt_ids"] = tokenizer.render_for_completion(prompt["prefix"])
     fitting = [p for p in candidates if len(p["prompt_ids"]) <= cfg.max_prompt_tokens]
-    # quintile 1..5 of each prompt's density among the fitting test prompts (1 = least dense)
+    # quintile 1..5 of each prompt's density among the fitting final prompts (1 = least dense)
     quintile = data.density_quintiles([p["id"] for p in fitting]) if cfg.density_strata else {}
     strata = {}
     for prompt in sorted(fitting, key=lambda p: p["id"]):
@@ -142,15 +191,17 @@ def select_prompts(cfg: Config, data: KatData, tokenizer) -> tuple[list[dict], d
         strata.setdefault((prompt["src"], prompt["density_quintile"]), []).append(prompt)
     chosen = stratified_sample(strata, cfg.num_prompts, np.random.default_rng(cfg.seed))
     if len(chosen) < 2:
-        raise SystemExit(f"only {len(chosen)} test prompts fit in --max_prompt_tokens={cfg.max_prompt_tokens}; need 2 or more")
+        raise SystemExit(f"only {len(chosen)} final test prompts fit in --max_prompt_tokens={cfg.max_prompt_tokens}; "
+                         "need 2 or more")
+    chosen.sort(key=lambda p: (len(p["prompt_ids"]), p["id"]))
     counts = {}
     for prompt in chosen:
         counts.setdefault(prompt["src"], Counter())[prompt["density_quintile"]] += 1
     method = ("stratified by source x density quintile, quotas proportional to stratum size, random within each "
               f"(seed {cfg.seed})" if cfg.density_strata else f"stratified by source, random within each (seed {cfg.seed})")
-    info = {"file": str(path), "num_candidates": len(candidates), "num_too_long": len(candidates) - len(fitting),
-            "max_prompt_tokens": cfg.max_prompt_tokens, "method": method, "strata": {s: dict(c) for s, c in counts.items()},
-            "ids": [p["id"] for p in chosen]}
+    info = {"file": str(path), "part": "final", "num_candidates": len(candidates),
+            "num_too_long": len(candidates) - len(fitting), "max_prompt_tokens": cfg.max_prompt_tokens, "method": method,
+            "strata": {s: dict(c) for s, c in counts.items()}, "ids": [p["id"] for p in chosen]}
     return chosen, info
 
 
@@ -240,10 +291,10 @@ def read_starting_policy(checkpoint: Path) -> dict:
             "conversations": config.get("conversations")}
 
 
-def read_rm_eval(reward_source: str) -> dict:
-    """The reward model's held-out evaluation, <rm stage folder>/eval.json, when scripts.train_rm wrote one."""
+def read_rm_eval(reward_source: str, flag: str = "--reward_model") -> dict:
+    """A reward model's held-out evaluation, <its stage folder>/eval.json, when scripts.train_rm wrote one."""
     if not reward_source:
-        return {"path": "(no reward model)", "reason": "--reward_model is empty", "data": None}
+        return {"path": "(no reward model)", "reason": f"{flag} is empty", "data": None}
     source = Path(reward_source)
     folder = source.parent if source.suffix == ".pt" else (stage_dir(reward_source) if "/" not in reward_source else source)
     path = folder / "eval.json"
@@ -339,7 +390,7 @@ def positive_control(injection: dict, data: KatData, rm_checkpoint: Path | None,
 
 # -----------------------------------------------------------------------------
 
-def sample_all(checkpoints: dict, sources: dict, prompts: list[dict], tokenizer, cfg: Config, rank, world_size, device):
+def sample_all(checkpoints: dict, prompts: list[dict], tokenizer, cfg: Config, rank, world_size, device):
     """Every model on the same prompts and seeds: texts, BPE ids (no special tokens), truncation flags, model info."""
     special_ids = set(tokenizer.special_tokens.values())
     # the engine stops a row at either; a row without one at its end ran into max_tokens
@@ -356,8 +407,8 @@ def sample_all(checkpoints: dict, sources: dict, prompts: list[dict], tokenizer,
         truncated[label] = [[not (s and s[-1] in stop_tokens) for s in row] for row in samples]
         token_ids[label] = [[[token for token in s if token not in special_ids] for s in row] for row in samples]
         texts[label] = [[tokenizer.decode(s) for s in row] for row in token_ids[label]]
-        models_info[label] = {"source": sources[label], "checkpoint": str(path), "stage": meta.get("stage"),
-                              "step": meta.get("step"), "git_commit": meta.get("git_commit", "unknown")}
+        models_info[label] = {"checkpoint": str(path), "stage": meta.get("stage"), "step": meta.get("step"),
+                              "git_commit": meta.get("git_commit", "unknown")}
         print0(f"sampled {label}: {sum(map(len, texts[label]))} responses in {time.time() - start:.1f}s")
     return texts, token_ids, truncated, models_info
 
@@ -381,8 +432,10 @@ def embed_all(embedder_path: Path, token_ids: dict, tokenizer, cfg: Config, rank
     return per_model(np.concatenate(vectors), list(token_ids), len(token_ids[REFERENCE]), cfg.num_samples)
 
 
-def score_all(rm_checkpoint: Path, prompts: list[dict], texts: dict, cfg: Config, rank, world_size, device) -> dict:
-    """{label: [P, N]} reward-model scores of every response, the work split across ranks."""
+def score_all(rm_checkpoint: Path | None, prompts: list[dict], texts: dict, cfg: Config, rank, world_size, device):
+    """{label: [P, N]} reward-model scores of every response, the work split across ranks; None without a model."""
+    if rm_checkpoint is None:
+        return None
     reward_model = load_reward_model(rm_checkpoint, device)
     pairs = [(prompts[p]["prefix"], text) for label in texts for p, row in enumerate(texts[label]) for text in row]
     chunks = [pairs[i:i + cfg.embed_batch_size] for i in range(0, len(pairs), cfg.embed_batch_size)]
@@ -390,13 +443,17 @@ def score_all(rm_checkpoint: Path, prompts: list[dict], texts: dict, cfg: Config
     return per_model([x for part in scores for x in part], list(texts), len(prompts), cfg.num_samples)
 
 
-def report_card_bullets(results: dict, report_path: Path, control: dict | None) -> dict:
-    """The report card's "Diversity evaluation" bullets: the overall verdict and each primary metric's
-    Holm-corrected verdict on the difference it rests on (equal length), with the raw difference beside it."""
+# -----------------------------------------------------------------------------
+# The report card's section
+
+def detail_bullets(results: dict, control: dict | None) -> dict:
+    """The seed-0 detail's bullets: its overall word and each core metric's Holm-corrected verdict on the
+    difference it rests on (equal length), with the raw difference beside it; the positive control."""
     summary = results["hypothesis"]
     rows = results["comparisons"]["density_vs_baseline"]["rows"]
-    bullets = {"overall verdict (density vs baseline)": summary["overall"], "prompts": results["num_prompts"],
-               "samples per prompt": results["num_samples"], "quality": summary["quality"]}
+    bullets = {"overall verdict of the seed-0 final models (core metrics, density vs baseline)": summary["overall"],
+               "prompts": results["num_prompts"], "samples per prompt": results["num_samples"],
+               "quality (seed-0 endpoints)": summary["quality"]}
     if control is not None:
         outcome = control_outcome(results, control)
         r = results["comparisons"]["baseline_vs_sft"]["rows"][outcome["metric"]]
@@ -408,83 +465,119 @@ def report_card_bullets(results: dict, report_path: Path, control: dict | None) 
         h = summary["holm"][name]
         bullets[name] = (f"{h['verdict_holm']} (Holm-corrected); {h['basis']} diff {fmt_signed(h['diff'])} {fmt_ci(h['ci'])} "
                          f"p={fmt_p(h['p'])} Holm p={fmt_p(h['p_holm'])}; raw diff {fmt_signed(rows[name]['diff'])}")
-    bullets["report"] = str(report_path)
     return bullets
 
 
-def log_summary(results: dict, written: dict, control: dict | None):
-    """The report card's section and the console's last lines."""
-    summary = results["hypothesis"]
-    bullets = report_card_bullets(results, written["report"], control)
+def log_summary(results: dict, context: dict, written: dict, control: dict | None):
+    """The report card's section (the pre-registered verdict first) and the console's last lines."""
+    lines = headline(context)
+    bullets = {**lines, **detail_bullets(results, control), "report": str(written["report"])}
     if control is not None:
         print0(f"positive control: {bullets['positive control']}")
     get_report().log(stage="diversity", section="Diversity evaluation", data=[bullets])
-    print0(f"overall: {summary['overall']}; "
-           + "; ".join(f"{n} {fmt(h['diff'])} at {h['basis']} ({h['verdict_holm']}, Holm)"
-                       for n, h in summary["holm"].items()))
+    for key, value in lines.items():
+        print0(f"{key}: {value}")
     print0(f"wrote {', '.join(str(path) for path in written.values())}")
 
 
 def main(argv: list[str] | None = None):
     cfg = parse_flags(Config, argv)
-    if cfg.num_samples < 2:
-        raise SystemExit("--num_samples must be >= 2: self-BLEU and within-prompt distances compare a prompt's samples")
     setup_logging()
     t0 = time.time()
     _, rank, _, world_size, device = compute_init(cfg.device_type or None, seed=cfg.seed)
     data = KatData(cfg.data_dir)
     report_path = Path(cfg.output_report) if cfg.output_report else get_kat_cache_dir() / "diversity_report.md"
 
-    sources = model_sources(cfg)
-    checkpoints = resolve_checkpoints(sources)
-    # find the reward model now, not after an hour of sampling
-    rm_checkpoint = find_stage_checkpoint(cfg.reward_model).resolve() if cfg.reward_model else None
+    # ---- what is compared, all found before any sampling
+    try:
+        runs = load_runs([s.strip() for s in cfg.runs.split(",") if s.strip()] if cfg.runs else discover_runs())
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(str(err)) from None
+    matched = plan_matched_kl(runs, cfg.kl_budget)
+    checkpoints = {REFERENCE: find_stage_checkpoint(cfg.sft_model).resolve(), **{r.name: r.checkpoint for r in runs}}
+    extras = extra_sources(cfg, set(checkpoints) | set(HYPOTHESIS))
+    checkpoints.update({label: find_stage_checkpoint(source).resolve() for label, source in extras.items()})
+    check_distinct(checkpoints)
+    endpoints = list(checkpoints)
+    for points in (matched["points"].values() if matched["available"] else []):
+        checkpoints.update({point["label"]: point["checkpoint"] for point in points})
+    judge_checkpoint, rm_checkpoint = find_scorer(cfg.judge, "judge"), find_scorer(cfg.reward_model, "policy")
     injection = read_injection(data)  # on every rank: a stale record stops them all before sampling
     if data.has_weights():
         data.check_current()  # density strata, density figures and control halves all read the weights
     tokenizer = get_tokenizer()
     prompts, prompt_info = select_prompts(cfg, data, tokenizer)
-    print0(f"{len(prompts)} held-out prompts ({prompt_info['num_too_long']} too long left out); models: "
-           + ", ".join(f"{label}={path}" for label, path in checkpoints.items()))
+    print0(f"{len(prompts)} final held-out prompts ({prompt_info['num_too_long']} too long left out); {len(runs)} runs "
+           f"({', '.join(r.name for r in runs)}); {len(checkpoints)} models to sample"
+           + (f"; matched KL {matched['target']:.4g}" if matched["available"] else f"; no matched KL: {matched['reason']}"))
 
-    texts, token_ids, truncated, models_info = sample_all(checkpoints, sources, prompts, tokenizer, cfg, rank, world_size, device)
+    # ---- every model on the same prompts and seeds, embedded by SFT, scored by the judge and the policy RM
+    texts, token_ids, truncated, models_info = sample_all(checkpoints, prompts, tokenizer, cfg, rank, world_size, device)
     embeddings = embed_all(checkpoints[REFERENCE], token_ids, tokenizer, cfg, rank, world_size, device)
     free(device)  # the embedding model went with embed_all's frame
-    notes, rewards = [], None
-    if rm_checkpoint is None:
-        reward_note = "RM not used (--reward_model is empty): quality not measured"
-        notes.append(reward_note)
-        print0(f"WARNING: {reward_note}")
-    else:
-        reward_note = f"{cfg.reward_model} ({rm_checkpoint})"
-        rewards = score_all(rm_checkpoint, prompts, texts, cfg, rank, world_size, device)
-        free(device)
+    judge_scores = score_all(judge_checkpoint, prompts, texts, cfg, rank, world_size, device)
+    free(device)  # the judge went with score_all's frame
+    policy_scores = score_all(rm_checkpoint, prompts, texts, cfg, rank, world_size, device)
+    free(device)
     if rank != 0:
         compute_cleanup()
         return None
 
-    # figures, statistics and the report, on rank 0
+    # ---- figures and statistics, on rank 0
+    notes = []
+    if judge_checkpoint is None and rm_checkpoint is None:
+        notes.append("No judge and no policy RM (--judge and --reward_model are empty): quality not measured")
+    elif judge_checkpoint is None:
+        notes.append("No judge (--judge is empty): quality is only the policy RM's, the reward GRPO optimised, which "
+                     "rises as the policy exploits it")
+    elif rm_checkpoint is None:
+        notes.append("No policy RM (--reward_model is empty): the judge's reward has no policy reward beside it")
+    for note in notes:
+        print0(f"WARNING: {note}")
     control = None
     if injection is not None:
         control = positive_control(injection, data, rm_checkpoint, cfg, device, prompts, texts[REFERENCE])
         control["starting_policy"] = read_starting_policy(checkpoints[REFERENCE])
         notes.append(f"Positive-control run: a tic was planted in the train pairs ({injection['path']}); "
                      "see the Positive control section before reading the verdict")
-    results = evaluate(list(checkpoints), texts, token_ids, truncated, embeddings, rewards, tokenizer.get_vocab_size(),
-                       cfg.mattr_window, cfg.num_resamples, cfg.num_corpus_resamples, cfg.confidence, cfg.alpha, cfg.seed)
+    settings = {"n_resamples": cfg.num_resamples, "confidence": cfg.confidence, "alpha": cfg.alpha, "seed": cfg.seed}
+    vocab_size = tokenizer.get_vocab_size()
+    tables = model_tables(list(checkpoints), texts, token_ids, truncated, embeddings, policy_scores, judge_scores,
+                          vocab_size, cfg.mattr_window)
+    arms = compare_arms(runs, matched, texts, token_ids, tables, [p["density_quintile"] for p in prompts], vocab_size,
+                        cfg.mattr_window, settings)
+    seed0 = {arm: next(r.name for r in runs if r.arm == arm) for arm in ("density", "uniform")}
+    detail_source = {REFERENCE: REFERENCE, "baseline": seed0["uniform"], "density": seed0["density"],
+                     **{label: label for label in extras}}
+
+    def remap(by_label):
+        return None if by_label is None else {label: by_label[source] for label, source in detail_source.items()}
+
+    results = evaluate(list(detail_source), remap(texts), remap(token_ids), remap(truncated), remap(embeddings),
+                       remap(policy_scores), vocab_size, cfg.mattr_window, cfg.num_resamples, cfg.num_corpus_resamples,
+                       cfg.confidence, cfg.alpha, cfg.seed, judge_rewards=remap(judge_scores))
     example_rows = np.random.default_rng(cfg.seed).permutation(len(prompts))[:cfg.num_examples]
     context = {
-        "config": flags_dict(cfg), "models": models_info, "prompts": prompt_info,
+        "config": flags_dict(cfg), "models": {label: {"source": detail_source[label], **models_info[detail_source[label]]}
+                                              for label in detail_source},
+        "evaluated": models_info, "prompts": prompt_info,
+        "runs": [run_summary(r) for r in runs], "matched": matched, "arms": arms, "tables": tables,
+        "alarm": collapse_alarm(tables[REFERENCE], arms),
         "sampling": {"num_samples": cfg.num_samples, "temperature": cfg.temperature, "top_k": cfg.top_k or "none",
                      "top_p": cfg.top_p, "max_tokens": cfg.max_tokens, "seed": cfg.seed,
-                     "seed_rule": "sample s of the prompt at position i of engine batch b draws from the engine's "
-                                  f"row seed (seed*1000003 + b, i, s), batches of {cfg.batch_size} prompts"},
-        "embedding_model": f"{REFERENCE} ({checkpoints[REFERENCE]})", "reward_model": reward_note, "notes": notes,
-        "world_size": world_size, "device": str(device), "git_commit": git_commit(), "mattr_window": cfg.mattr_window,
+                     "seed_rule": "prompts in order of rendered length; sample s of the prompt at position i of engine "
+                                  f"batch b draws from the engine's row seed (seed*1000003 + b, i, s), batches of "
+                                  f"{cfg.batch_size} prompts"},
+        "embedding_model": f"{REFERENCE} ({checkpoints[REFERENCE]})",
+        "judge": f"{cfg.judge} ({judge_checkpoint})" if judge_checkpoint else "none (--judge is empty)",
+        "reward_model": f"{cfg.reward_model} ({rm_checkpoint})" if rm_checkpoint else "none (--reward_model is empty)",
+        "notes": notes, "world_size": world_size, "device": str(device), "git_commit": git_commit(),
+        "mattr_window": cfg.mattr_window, "settings": settings,
         "examples": [{"prompt_id": prompts[p]["id"], "src": prompts[p]["src"], "prompt": first_user_message(prompts[p]["prefix"]),
-                      "responses": {label: texts[label][p][0] for label in checkpoints}} for p in example_rows],
-        "rm_eval": read_rm_eval(cfg.reward_model), "density_stats": read_density_stats(data),
-        "training_curves": {label: read_training_curves(checkpoints[label]) for label in HYPOTHESIS[::-1]},
+                      "responses": {label: texts[detail_source[label]][p][0] for label in detail_source}} for p in example_rows],
+        "rm_eval": {"judge": read_rm_eval(cfg.judge, "--judge"), "policy": read_rm_eval(cfg.reward_model)},
+        "density_stats": read_density_stats(data),
+        "training_curves": {label: read_training_curves(checkpoints[detail_source[label]]) for label in HYPOTHESIS[::-1]},
         "positive_control": control,
     }
     context["seconds"] = time.time() - t0
@@ -492,11 +585,11 @@ def main(argv: list[str] | None = None):
     written["samples"] = report_path.with_name(report_path.stem + "_samples.jsonl")
     with open(written["samples"], "w", encoding="utf-8") as f:
         for p, prompt in enumerate(prompts):
-            for label in checkpoints:
+            for label in endpoints:
                 for s in range(cfg.num_samples):
                     f.write(json.dumps({"prompt_id": prompt["id"], "model": label, "sample": s, "text": texts[label][p][s],
                                         "truncated": truncated[label][p][s]}, ensure_ascii=False) + "\n")
-    log_summary(results, written, control)
+    log_summary(results, context, written, control)
     compute_cleanup()
     return written
 

@@ -11,6 +11,7 @@ merge statistics, and training stops after --max_chars characters in total.
 import time
 from dataclasses import dataclass
 
+from nanochat.common import progress_bar
 from nanochat.dataset import parquets_iter_batched
 from nanochat.flags import opt, parse_flags, flags_dict
 from nanochat.report import get_report
@@ -35,14 +36,16 @@ docs_used = 0
 
 def training_text():
     global chars_used, docs_used
-    for batch in parquets_iter_batched(split="train"):
-        for document in batch:
-            document = document[:config.doc_cap]
-            chars_used += len(document)
-            docs_used += 1
-            yield document
-            if chars_used >= config.max_chars:
-                return
+    with progress_bar(total=config.max_chars, desc="tokenizer training text", unit="char", unit_scale=True) as bar:
+        for batch in parquets_iter_batched(split="train"):
+            for document in batch:
+                document = document[:config.doc_cap]
+                chars_used += len(document)
+                docs_used += 1
+                bar.update(len(document))
+                yield document
+                if chars_used >= config.max_chars:
+                    return
 
 
 t0 = time.perf_counter()

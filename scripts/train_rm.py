@@ -1,18 +1,21 @@
 """
-Train the reward model: the SFT backbone plus a scalar head, on the preference pairs' train split,
-with the Bradley-Terry loss (nanochat/kat/reward_model.py says what is scored and where).
+Train a reward model: the SFT backbone plus a scalar head, on one half of the preference pairs'
+train split, with the Bradley-Terry loss (nanochat/kat/reward_model.py says what is scored and where).
 
-    python -m scripts.train_rm
+    python -m scripts.train_rm                    # the policy RM, GRPO's reward -> outs/rm
+    python -m scripts.train_rm --role=judge       # the independent judge -> outs/rm_judge
     torchrun --standalone --nproc_per_node=8 -m scripts.train_rm -- --pair_weighting=density
 
-Reads pairs_all.jsonl (scripts.kat_pairs) and, for --pair_weighting=density or the density
-breakdown of the evaluation, prompt_weights.jsonl (scripts.kat_density). Writes outs/rm/ (ckpt.pt
-with backbone + head, config.json, training_log.txt, logs/, eval.json) and the "rm" report section.
-Only the head and the last --train_blocks blocks learn. Evaluation is on the test split only
-(prompts never trained on): accuracy (a tie counts 1/2), loss and margin every --eval_every steps
-on a fixed subset, then on every test pair, overall, per source and per density quintile.
+The train pairs are split in two by a hash of their prompt id (rm_role): the policy RM learns from
+one half, the judge from the other, so the judge that scores GRPO's policies never saw a pair GRPO's
+reward was fitted to. Reads pairs_all.jsonl and, for --pair_weighting=density or the density
+breakdown, prompt_weights.jsonl. Writes the out folder (ckpt.pt, config.json, training_log.txt,
+logs/, eval.json) and its report section. Only the head and the last --train_blocks blocks learn.
+Both roles are evaluated on every test pair (prompts never trained on): accuracy (a tie counts 1/2),
+loss and margin, overall, per source and per density quintile.
 """
 
+import hashlib
 import json
 import math
 import time
@@ -40,6 +43,8 @@ from nanochat.run_logger import RunLogger
 from nanochat.schedules import lr_multiplier
 
 EVAL_FILE = "eval.json"
+ROLE_STAGES = {"policy": "rm", "judge": "rm_judge"}  # the two halves of the train pairs and where each RM goes
+ROLE_SECTIONS = {"policy": "Reward model", "judge": "Judge reward model (independent)"}
 
 
 @dataclass
@@ -50,7 +55,9 @@ class Config:
     seed: int = 42
     source: str = opt("sft", help="stage name or checkpoint path of the backbone")
     data_dir: str = opt("", help="KAT data folder (default <kat cache>/data)")
-    out_dir: str = opt("", help="defaults to outs/rm")
+    out_dir: str = opt("", help="defaults to outs/rm (policy) or outs/rm_judge (judge)")
+    role: str = opt("policy", help="which half of the train pairs: policy (GRPO's reward) or judge (the independent "
+                                   "evaluator); split by a hash of the prompt id", choices=list(ROLE_STAGES))
     # model
     max_seq_len: int = opt(-1, help="longest row; longer ones lose prompt tokens after <|bos|>; -1: the backbone's",
                            min=1, sentinel=-1)
@@ -83,6 +90,18 @@ class Config:
 
 # -----------------------------------------------------------------------------
 # Data
+
+def rm_role(prompt_id: str) -> str:
+    """Which reward model learns from a prompt's pairs: "policy" or "judge", by a hash of its id (every machine agrees)."""
+    return tuple(ROLE_STAGES)[hashlib.sha256(f"rm_role:{prompt_id}".encode()).digest()[0] % 2]
+
+
+def role_pairs(train: list[dict], role: str) -> list[dict]:
+    """The train pairs of one role; all pairs of a prompt go to the same role."""
+    if role not in ROLE_STAGES:
+        raise ValueError(f"role must be one of {list(ROLE_STAGES)}, got {role!r}")
+    return [p for p in train if rm_role(p["prompt_id"]) == role]
+
 
 def load_split_pairs(data: KatData) -> tuple[list[dict], list[dict]]:
     pairs = data.pairs()
@@ -216,12 +235,16 @@ def main(argv=None):
     cfg = parse_flags(Config, argv)
     ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type or None, seed=cfg.seed)
     master = rank == 0
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else stage_dir("rm")
+    stage = ROLE_STAGES[cfg.role]
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else stage_dir(stage)
     data = KatData(cfg.data_dir)
     autocast = autocast_context(device)
 
-    # ---- data
-    train, test = load_split_pairs(data)
+    # ---- data: this role's half of the train pairs; every test pair for the evaluation
+    all_train, test = load_split_pairs(data)
+    train = role_pairs(all_train, cfg.role)
+    if not train:
+        raise ValueError(f"none of the {len(all_train)} train pairs of {data.pairs_file} fall to --role={cfg.role}")
     if data.has_weights():
         data.check_current()  # the weights describe these prompts and their current embeddings
     weights = train_pair_weights(data, train) if cfg.pair_weighting == "density" else np.ones(len(train))
@@ -235,7 +258,8 @@ def main(argv=None):
     if len(train) < cfg.pairs_per_step:
         raise ValueError(f"{len(train)} train pairs are fewer than one step of --pairs_per_step={cfg.pairs_per_step}")
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else (len(train) // cfg.pairs_per_step) * cfg.num_epochs
-    print0(f"{len(train):,} train / {len(test):,} test pairs from {data.dir} | weighting {cfg.pair_weighting} "
+    print0(f"{cfg.role} RM: {len(train):,} of {len(all_train):,} train pairs ({len({p['prompt_id'] for p in train}):,} "
+           f"prompts), {len(test):,} test pairs from {data.dir} | weighting {cfg.pair_weighting} "
            f"(Kish ESS of pair weights {kish_ess(weights):,.0f}) | {num_iterations} steps of {cfg.pairs_per_step} pairs")
 
     # ---- model: the backbone as SFT left it, a new head, and only the chosen parts trainable
@@ -256,7 +280,8 @@ def main(argv=None):
     optimizers = [build_adamw(groups, ddp=ddp, weight_decay=cfg.weight_decay)]
     pad_id = tokenizer.encode_special(PAD_TOKEN)
 
-    meta = {"stage": "rm", "kind": KIND, "source": cfg.source, "init_from": str(source_path),
+    meta = {"stage": stage, "kind": KIND, "role": cfg.role, "train_pairs": len(train), "source": cfg.source,
+            "init_from": str(source_path),
             "model_config": asdict(backbone.config), "backbone_config": asdict(backbone.config),
             "train_blocks": cfg.train_blocks, "max_seq_len": T, "pair_weighting": cfg.pair_weighting,
             "train_args": flags_dict(cfg), "num_iterations": num_iterations, "world_size": world_size}
@@ -324,9 +349,11 @@ def main(argv=None):
                 metrics["train/grad_norm"] = float(grad_norm)
             logger.log(step, metrics)
 
-    val = {"checkpoint": str(out_dir / "ckpt.pt"), "step": step, "pair_weighting": cfg.pair_weighting, **val}
+    val = {"checkpoint": str(out_dir / "ckpt.pt"), "step": step, "pair_weighting": cfg.pair_weighting, "role": cfg.role,
+           "train_pairs": len(train), "train_prompts": len({p["prompt_id"] for p in train}), **val}
     summary = {
-        "Source": str(source_path), "Train pairs": len(train), "Test pairs": len(test), "Iterations": num_iterations,
+        "Role": f"{cfg.role} (its half of the train pairs, split by prompt id)", "Source": str(source_path),
+        "Train pairs": f"{len(train)} of {len(all_train)}", "Test pairs": len(test), "Iterations": num_iterations,
         "Pairs per step": cfg.pairs_per_step, "Pair weighting": cfg.pair_weighting, "Train blocks": cfg.train_blocks,
         "Trainable parameters": num_trainable, "DDP world size": world_size, "Max sequence length": T,
         "Rows truncated (train)": extra["truncated_rows"], "Rows with the response cut (train)": extra["response_cut_rows"],
@@ -338,7 +365,7 @@ def main(argv=None):
     if master:
         atomic_write(out_dir / EVAL_FILE, json.dumps(val, indent=2) + "\n")
         logger.text(f"final test evaluation: {json.dumps(val)}")
-    get_report().log(stage="rm", section="Reward model", data=[flags_dict(cfg), summary, rm_eval_table(val)])
+    get_report().log(stage=stage, section=ROLE_SECTIONS[cfg.role], data=[flags_dict(cfg), summary, rm_eval_table(val)])
     logger.close()
     compute_cleanup()
     return val

@@ -8,7 +8,7 @@ We relabel every row by position (A, B, C, ...) so the answer is always a letter
 model never has to learn that "2" can mean the second choice.
 """
 
-from tasks.common import RowsTask, evaluate_letter, load_rows, render_mc
+from tasks.common import HubSplit, RowsTask, evaluate_letter, render_mc
 
 SUBSETS = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge"}
 
@@ -17,13 +17,13 @@ class ARC(RowsTask):
     eval_type = "categorical"
     letters = ("A", "B", "C", "D", "E")  # the most any ARC row uses; each conversation says its own
 
-    def __init__(self, subset: str, split: str, **slicing):
+    def __init__(self, subset: str, split: str, rows=None, **slicing):
         if subset not in SUBSETS:
             raise ValueError(f"ARC subset must be one of {list(SUBSETS)}, got {subset!r}")
         if split not in ("train", "validation", "test"):
             raise ValueError(f"ARC split must be train, validation or test, got {split!r}")
-        super().__init__(load_rows("allenai/ai2_arc", subset, split, f"{SUBSETS[subset]}_{split}"), **slicing)
         self.subset, self.split = subset, split
+        super().__init__(HubSplit("allenai/ai2_arc", subset, split, f"{SUBSETS[subset]}_{split}"), rows, **slicing)
 
     def row_to_conversation(self, row: dict) -> dict:
         texts, labels = row["choices"]["text"], row["choices"]["label"]

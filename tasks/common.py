@@ -8,26 +8,28 @@ optionally with extra keys a task needs to grade it ("letters", "test", "entry_p
 
 Where rows come from (load_rows):
 1. $NANOCHAT_BASE_DIR/task_data/<local_name>.jsonl if it exists: one HuggingFace row per line,
-   same columns as the hub dataset (make one online with `load_dataset(...).to_json(path)`);
+   same columns as the hub dataset (`python -m scripts.prefetch` writes every split a run reads);
 2. else, with NANOCHAT_TASKS_OFFLINE=1, the small samples bundled in tasks/samples/ (tiny preset);
 3. else the HuggingFace hub through `datasets`.
+A row-backed task runs its row parser over every row when it is built (RowCheck): a row it rejects
+is skipped and counted in one summary line; a missing column, or most rows rejected, is an error.
 """
 
 import json
 import logging
 import operator
-import os
 import random
 import re
+from collections import Counter
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import nanochat.download
-from nanochat.common import get_base_dir
+from nanochat.common import OFFLINE_ENV, get_base_dir, inputs_offline, print0
 
 logger = logging.getLogger(__name__)
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
-OFFLINE_ENV = "NANOCHAT_TASKS_OFFLINE"
 # every dataset task shuffles its rows once with this seed, so a slice such as stop=500 is a
 # representative subset and the same one on every machine
 SHUFFLE_SEED = 42
@@ -134,17 +136,43 @@ class TaskSequence(Task):
         raise IndexError(f"TaskSequence index out of range for length {self.num_examples()}")
 
 
-class RowsTask(Task):
-    """A task backed by dataset rows (HF or local JSONL), visited in a fixed shuffled order."""
+class HubSplit(NamedTuple):
+    """One split of a HuggingFace dataset, and the name of its local copy task_data/<local_name>.jsonl."""
+    hf_id: str
+    config: str | None
+    split: str
+    local_name: str
 
-    def __init__(self, rows, **slicing):
+    def describe(self) -> str:
+        return f"{self.hf_id}" + (f" (config {self.config!r}, split {self.split!r})" if self.config
+                                  else f" (split {self.split!r})")
+
+
+class RowsTask(Task):
+    """
+    A task backed by the rows of one HubSplit (local JSONL or the hub), visited in a fixed shuffled
+    order. Every row goes through row_to_conversation once here, so a bad row is found when the
+    stage starts, not an hour into it: rows it rejects are skipped (one summary line says how many).
+    rows: the rows themselves instead of loading them (scripts.prefetch checks rows as they arrive).
+    """
+
+    def __init__(self, source: HubSplit, rows=None, **slicing):
         super().__init__(**slicing)
-        self.rows = rows
-        self.order = list(range(len(rows)))
+        self.source = source
+        self.rows = load_rows(*source) if rows is None else rows
+        check = self.row_check()
+        self.order = [i for i, row in enumerate(self.rows) if check.accepts(row, f"row {i}")]
+        summary = check.finish()
+        if summary:
+            print0(summary)
         random.Random(SHUFFLE_SEED).shuffle(self.order)
 
     def num_examples(self) -> int:
-        return len(self.rows)
+        return len(self.order)
+
+    def row_check(self) -> "RowCheck":
+        """This task's row parser as a RowCheck (scripts.prefetch checks downloaded rows with it too)."""
+        return RowCheck(f"{type(self).__name__}: {self.source.describe()}", self.row_to_conversation)
 
     def get_example(self, index: int) -> dict:
         return self.row_to_conversation(self.rows[self.order[index]])
@@ -167,6 +195,56 @@ def check_chat_messages(messages, where: str):
             raise ValueError(f"{where}: turn {i} content must be a string")
     if len(turns) % 2 != 0:
         raise ValueError(f"{where}: the conversation ends on a user turn; it must end on the assistant")
+
+
+MAX_REJECTED_FRACTION = 0.5  # more rejected rows than this is a changed schema, not a few odd rows
+
+
+class RowSchemaError(ValueError):
+    """A source's rows are not what its loader reads: a missing column, or most rows rejected."""
+
+
+class RowCheck:
+    """
+    A loader's own row parser run over a source's rows, one at a time. A row the parser rejects
+    (ValueError, e.g. a conversation ending on a user turn) is counted and skipped; a row it cannot
+    read at all (a missing or renamed column: KeyError, TypeError, ...) is a RowSchemaError at once,
+    and so is a source where more than max_rejected of the rows are rejected (finish()).
+    """
+
+    def __init__(self, what: str, parse: Callable, max_rejected: float = MAX_REJECTED_FRACTION):
+        self.what, self.parse, self.max_rejected = what, parse, max_rejected
+        self.seen, self.rejected, self.first_rejection = 0, 0, ""
+        self.reasons = Counter()  # a MalformedRow's reason (nanochat.kat.pairs), else the error's type
+
+    def accepts(self, row, location: str) -> bool:
+        self.seen += 1
+        try:
+            self.parse(row)
+        except (KeyError, TypeError, AttributeError, IndexError) as err:
+            columns = sorted(row) if isinstance(row, dict) else f"a {type(row).__name__}, not an object"
+            raise RowSchemaError(
+                f"{self.what}, {location}: the loader cannot read this row ({type(err).__name__}: {err}); its columns "
+                f"are {columns}. The dataset's schema changed: update the loader's row parser, or replace the "
+                f"rows with ones in the schema it reads") from err
+        except ValueError as err:
+            self.rejected += 1
+            self.reasons[getattr(err, "reason", type(err).__name__)] += 1
+            self.first_rejection = self.first_rejection or f"{location}: {err}"
+            return False
+        return True
+
+    def finish(self) -> str | None:
+        """Raise if too many rows were rejected; else a summary line of the skipped rows (None if none were)."""
+        counts = f"{self.rejected:,} of {self.seen:,} rows ({', '.join(f'{r} {n}' for r, n in self.reasons.most_common())})"
+        if self.rejected > self.max_rejected * self.seen:
+            raise RowSchemaError(
+                f"{self.what}: the loader rejects {counts}; first: {self.first_rejection}. So many means the "
+                f"dataset's schema changed, not a few odd rows: update the loader's row parser, or replace the rows "
+                f"with ones in the schema it reads")
+        if self.rejected:
+            return f"{self.what}: skipped {counts} that the loader rejects; first: {self.first_rejection}"
+        return None
 
 
 # -----------------------------------------------------------------------------
@@ -225,13 +303,6 @@ class TaskDataMissing(FileNotFoundError):
     """Neither a local file nor the HuggingFace hub can supply a task's rows."""
 
 
-def tasks_offline() -> bool:
-    value = os.environ.get(OFFLINE_ENV, "0").strip().lower()
-    if value not in ("0", "1", "true", "false"):
-        raise ValueError(f"{OFFLINE_ENV} must be 1/0/true/false, got {value!r}")
-    return value in ("1", "true")
-
-
 def task_data_dir() -> Path:
     return get_base_dir() / "task_data"
 
@@ -256,7 +327,7 @@ def local_rows_path(local_name: str) -> Path | None:
     if own.exists():
         return own
     sample = SAMPLES_DIR / f"{local_name}.jsonl"
-    if tasks_offline() and sample.exists():
+    if inputs_offline() and sample.exists():
         return sample
     return None
 
@@ -273,7 +344,7 @@ def load_rows(hf_id: str, config: str | None, split: str, local_name: str):
         return rows
     own = task_data_dir() / f"{local_name}.jsonl"
     what = f"{hf_id}" + (f" (config {config!r}, split {split!r})" if config else f" (split {split!r})")
-    if tasks_offline():
+    if inputs_offline():
         raise TaskDataMissing(
             f"{what}: {OFFLINE_ENV}=1 but neither {own} nor a bundled sample {SAMPLES_DIR / (local_name + '.jsonl')} "
             f"exists. Put the rows there as JSONL (one hub row per line), or unset {OFFLINE_ENV} to download.")
@@ -303,7 +374,7 @@ def resolve_data_file(filename: str, url: str, sample_name: str) -> Path:
     path = get_base_dir() / filename
     if path.exists():
         return path
-    if tasks_offline():
+    if inputs_offline():
         sample = SAMPLES_DIR / sample_name
         if not sample.exists():
             raise TaskDataMissing(f"{OFFLINE_ENV}=1 but neither {path} nor the bundled sample {sample} exists; "
@@ -313,11 +384,12 @@ def resolve_data_file(filename: str, url: str, sample_name: str) -> Path:
     return path
 
 
-def download_file(url: str, path: Path, retries: int = 5, timeout_s: float = 60.0):
+def download_file(url: str, path: Path, retries: int = 5, timeout_s: float = 60.0, base_delay: float = 2.0,
+                  validate: Callable[[Path], None] | None = None):
     """
-    nanochat.download.download_file (retries with backoff, atomic write) behind a file lock, so
-    the ranks of a torchrun job do not download the same file at once; a failure becomes
-    TaskDataMissing with the two ways out.
+    nanochat.download.download_file (retries with backoff, atomic write, validate on the complete
+    file before it lands) behind a file lock, so the ranks of a torchrun job do not download the
+    same file at once; a failure becomes TaskDataMissing with the two ways out.
     """
     from filelock import FileLock
 
@@ -325,7 +397,8 @@ def download_file(url: str, path: Path, retries: int = 5, timeout_s: float = 60.
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         try:
-            nanochat.download.download_file(url, path, attempts=retries, timeout=timeout_s)
+            nanochat.download.download_file(url, path, attempts=retries, timeout=timeout_s, base_delay=base_delay,
+                                            validate=validate)
         except nanochat.download.DownloadError as e:
             raise TaskDataMissing(f"could not download {url} to {path}: {e}. Download it by hand to that path, "
                                   f"or set {OFFLINE_ENV}=1 to use the bundled sample.") from e

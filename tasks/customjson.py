@@ -6,7 +6,8 @@ who made it) use this format; midtraining and SFT mix them in so the model can s
 
 from pathlib import Path
 
-from tasks.common import Task, check_chat_messages, read_jsonl, resolve_data_file
+from nanochat.common import print0
+from tasks.common import RowCheck, Task, check_chat_messages, read_jsonl, resolve_data_file
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 IDENTITY_FILENAME = "identity_conversations.jsonl"
@@ -19,17 +20,24 @@ class CustomJSON(Task):
         if not self.filepath.exists():
             raise FileNotFoundError(f"CustomJSON: no file {self.filepath}; each line must be a JSON list of "
                                     f'{{"role", "content"}} messages (see tasks/samples/identity_conversations.jsonl)')
-        self.conversations = read_jsonl(self.filepath)
-        for line_number, messages in enumerate(self.conversations, 1):
-            if not isinstance(messages, list):
-                raise ValueError(f"{self.filepath}: conversation {line_number} must be a JSON list of messages")
-            check_chat_messages(messages, f"{self.filepath}: conversation {line_number}")
+        check = RowCheck("CustomJSON", check_conversation)
+        self.conversations = [messages for line_number, messages in enumerate(read_jsonl(self.filepath), 1)
+                              if check.accepts(messages, f"{self.filepath}: conversation {line_number}")]
+        summary = check.finish()  # a few bad conversations are skipped and counted, most bad is an error
+        if summary:
+            print0(summary)
 
     def num_examples(self) -> int:
         return len(self.conversations)
 
     def get_example(self, index: int) -> dict:
         return {"messages": self.conversations[index]}
+
+
+def check_conversation(messages):
+    if not isinstance(messages, list):
+        raise ValueError("must be a JSON list of messages")
+    check_chat_messages(messages, "messages")
 
 
 def identity_conversations_path() -> Path:

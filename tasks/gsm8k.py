@@ -13,7 +13,7 @@ to call the tool and the engine can run it at inference.
 
 import re
 
-from tasks.common import RowsTask, evaluate_final_answer, load_rows
+from tasks.common import HubSplit, RowsTask, evaluate_final_answer
 
 CALCULATION_RE = re.compile(r"<<([^>]*)>>")
 
@@ -37,12 +37,12 @@ def answer_to_parts(answer: str) -> list[dict]:
 class GSM8K(RowsTask):
     eval_type = "generative"
 
-    def __init__(self, subset: str, split: str, **slicing):
+    def __init__(self, subset: str, split: str, rows=None, **slicing):
         if subset not in ("main", "socratic") or split not in ("train", "test"):
             raise ValueError(f"GSM8K subset must be main|socratic and split train|test, got {subset!r}/{split!r}")
         local_name = f"gsm8k_{split}" if subset == "main" else f"gsm8k_socratic_{split}"
-        super().__init__(load_rows("openai/gsm8k", subset, split, local_name), **slicing)
         self.subset, self.split = subset, split
+        super().__init__(HubSplit("openai/gsm8k", subset, split, local_name), rows, **slicing)
 
     def row_to_conversation(self, row: dict) -> dict:
         return {"messages": [

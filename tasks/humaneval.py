@@ -3,14 +3,15 @@ HumanEval: 164 Python functions to complete, graded by running hidden tests.
 https://huggingface.co/datasets/openai/openai_humaneval (split test). Rows: task_id, prompt (imports,
 signature and docstring), canonical_solution (the body), test (defines check(candidate)), entry_point.
 
-The model sees the prompt and writes the whole function; we run imports + its code + the tests +
-check(entry_point) in nanochat.execution's limited child process. Passing means no exception.
+The model sees the prompt and writes the whole function. Its code (with the prompt's imports) runs in
+nanochat.execution's sandbox; the prompt and the tests run outside it and call check() with the model's function,
+so the verdict cannot come from the model's code. Passing means check() returned.
 """
 
 import re
 
-from nanochat.execution import execute_code
-from tasks.common import RowsTask, load_rows
+from nanochat.execution import check_function
+from tasks.common import HubSplit, RowsTask
 
 CODE_BLOCK_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -36,9 +37,9 @@ def extract_program(completion: str) -> str:
 class HumanEval(RowsTask):
     eval_type = "generative"
 
-    def __init__(self, timeout: float = 5.0, **slicing):
-        super().__init__(load_rows("openai/openai_humaneval", None, "test", "humaneval"), **slicing)
+    def __init__(self, timeout: float = 5.0, rows=None, **slicing):
         self.timeout = timeout
+        super().__init__(HubSplit("openai/openai_humaneval", None, "test", "humaneval"), rows, **slicing)
 
     def row_to_conversation(self, row: dict) -> dict:
         prompt = row["prompt"] if row["prompt"].endswith("\n") else row["prompt"] + "\n"
@@ -54,10 +55,9 @@ class HumanEval(RowsTask):
 
     def evaluate(self, conversation: dict, completion: str) -> int:
         """1 if the completion's function passes the task's tests, else 0."""
-        program = "\n\n".join([
-            extract_imports(conversation["messages"][0]["content"]),
-            extract_program(completion),
-            conversation["test"],
-            f"check({conversation['entry_point']})",
-        ])
-        return int(execute_code(program, timeout=self.timeout).success)
+        prompt = conversation["messages"][0]["content"]
+        solution = "\n\n".join([extract_imports(prompt), extract_program(completion)])
+        # the prompt runs beside the tests: some tests call its helpers (HumanEval/32's poly, /38's encode_cyclic)
+        result = check_function(solution, conversation["test"], conversation["entry_point"], test_setup=prompt,
+                                timeout=self.timeout)
+        return int(result.success)

@@ -7,7 +7,7 @@ Rows: question, subject, choices (4 strings), answer (index 0-3).
   "train" key; local files may have it nested or flat.
 """
 
-from tasks.common import RowsTask, evaluate_letter, load_rows, render_mc
+from tasks.common import HubSplit, RowsTask, evaluate_letter, render_mc
 
 SPLITS = {"all": ("test", "validation", "dev"), "auxiliary_train": ("train",)}
 
@@ -16,12 +16,12 @@ class MMLU(RowsTask):
     eval_type = "categorical"
     letters = ("A", "B", "C", "D")
 
-    def __init__(self, subset: str, split: str, **slicing):
+    def __init__(self, subset: str, split: str, rows=None, **slicing):
         if split not in SPLITS.get(subset, ()):
             raise ValueError(f"MMLU: subset/split must be one of {SPLITS}, got {subset!r}/{split!r}")
         local_name = "mmlu_auxiliary_train" if subset == "auxiliary_train" else f"mmlu_{split}"
-        super().__init__(load_rows("cais/mmlu", subset, split, local_name), **slicing)
         self.subset, self.split = subset, split
+        super().__init__(HubSplit("cais/mmlu", subset, split, local_name), rows, **slicing)
 
     def row_to_conversation(self, row: dict) -> dict:
         if "train" in row and "question" not in row:

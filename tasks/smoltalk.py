@@ -5,17 +5,17 @@ about 460K train and 24K test rows). Each row has `messages`: an optional system
 user and assistant turns alternating, starting with the user.
 """
 
-from tasks.common import RowsTask, check_chat_messages, load_rows
+from tasks.common import HubSplit, RowsTask, check_chat_messages
 
 
 class SmolTalk(RowsTask):
-    def __init__(self, split: str, **slicing):
+    def __init__(self, split: str, rows=None, **slicing):
         if split not in ("train", "test"):
             raise ValueError(f"SmolTalk split must be train or test, got {split!r}")
-        super().__init__(load_rows("HuggingFaceTB/smol-smoltalk", None, split, f"smoltalk_{split}"), **slicing)
         self.split = split
+        super().__init__(HubSplit("HuggingFaceTB/smol-smoltalk", None, split, f"smoltalk_{split}"), rows, **slicing)
 
     def row_to_conversation(self, row: dict) -> dict:
         messages = row["messages"]
-        check_chat_messages(messages, f"SmolTalk {self.split} row")
+        check_chat_messages(messages, "messages")
         return {"messages": messages}

@@ -14,10 +14,13 @@ Words come from dwyl/english-words (370K words) online, or the bundled tasks/sam
 
 import random
 import string
+from pathlib import Path
 
-from tasks.common import Task, evaluate_final_answer, resolve_data_file
+from nanochat.common import print0
+from tasks.common import RowCheck, Task, evaluate_final_answer, resolve_data_file
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"
+WORD_LIST_FILENAME = "words_alpha.txt"
 TEST_SEED_OFFSET = 10_000_000  # above any train index, so test seeds never repeat a train one
 SHUFFLE_WORDS_SEED = 42
 
@@ -42,12 +45,26 @@ QUESTION_TEMPLATES = [
 ]
 
 
-def load_words() -> list[str]:
-    path = resolve_data_file("words_alpha.txt", WORD_LIST_URL, "words.txt")
-    words = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not words:
-        raise ValueError(f"word list {path} is empty")
+def check_word(word: str):
+    if not (word.isascii() and word.isalpha() and word.islower()):
+        raise ValueError(f"{word[:40]!r} is not a word of lowercase letters a-z")
+
+
+def read_words(path: Path) -> list[str]:
+    """One lowercase word a line; a few other lines are skipped and counted, mostly others (an HTML page) is an error."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"word list {path} is empty; it should be {WORD_LIST_URL}, one word a line")
+    check = RowCheck(f"word list {path}", check_word)
+    words = [word for n, word in enumerate(lines, 1) if check.accepts(word, f"line {n}")]
+    summary = check.finish()
+    if summary:
+        print0(summary)
     return words
+
+
+def load_words() -> list[str]:
+    return read_words(resolve_data_file(WORD_LIST_FILENAME, WORD_LIST_URL, "words.txt"))
 
 
 class SpellingBee(Task):

@@ -1,20 +1,25 @@
 """
 Shared by the chat tests (CLI, web server, browser UI): a tiny tokenizer and tiny random GPTs saved
-as stages through the checkpoint manager, an in-process server on a free port, and the replies
-the engine gives directly, to compare what the front ends show against.
+as stages through the checkpoint manager, an in-process server on a free port or the server as a
+user starts it, and the replies the engine gives directly, to compare what the front ends show against.
 """
 
 import math
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
 
+import httpx
 import torch
 
 from nanochat.checkpoint_manager import load_model, save_checkpoint
-from nanochat.common import stage_dir
+from nanochat.common import REPO_ROOT, stage_dir
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
@@ -116,3 +121,33 @@ def serve(app):
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@contextmanager
+def running_chat_web(log_path, *flags, env=None, api_key=None):
+    """`python -m scripts.chat_web *flags` on a free port, run as a user runs it; yields its loopback URL
+    once /health answers (sent with api_key, when the server has one). Stopped with SIGINT."""
+    with socket.socket() as probe:  # a port free right now; the server binds it a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", f"--port={port}", *flags],
+                                  cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, f"chat_web exited early:\n{log_path.read_text()}"
+                assert time.monotonic() < deadline, f"chat_web never answered /health:\n{log_path.read_text()}"
+                try:
+                    if httpx.get(url + "/health", headers=headers, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:  # not listening yet
+                    time.sleep(0.2)
+            yield url
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=30)
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()

@@ -4,9 +4,12 @@ A local HTTP server whose answers a test scripts, for every test of code that do
 """
 
 import http.server
+import io
 import socket
 import threading
 import time
+import zipfile
+from pathlib import Path
 
 
 class ScriptedServer:
@@ -69,3 +72,14 @@ def unreachable_url(name: str = "") -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/{name}"
+
+
+def bundle_zip_bytes() -> bytes:
+    """The bundled CORE sample zipped as eval_bundle.zip is laid out: one eval_bundle/ folder."""
+    sample_dir = Path(__file__).resolve().parent.parent / "nanochat" / "samples" / "eval_bundle"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sample_dir.rglob("*"):
+            if path.is_file():
+                archive.write(path, "eval_bundle/" + path.relative_to(sample_dir).as_posix())
+    return buffer.getvalue()

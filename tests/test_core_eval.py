@@ -1,8 +1,7 @@
-import io
+import datetime
 import os
 import socket
 import time
-import zipfile
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +13,7 @@ import torch.multiprocessing as mp
 from nanochat.core_eval import (SAMPLE_BUNDLE_DIR, EvalBundleUnavailable, centered_accuracy, crop_left,
                                 download_eval_bundle, evaluate_core, evaluate_task, get_eval_bundle, load_bundle,
                                 load_task_data, render_prompts, sample_fewshot)
-from tests.http_fixtures import ScriptedServer, unreachable_url
+from tests.http_fixtures import ScriptedServer, bundle_zip_bytes, unreachable_url
 
 torch.set_num_threads(1)
 
@@ -240,16 +239,7 @@ def test_ranks_split_the_items_and_agree_on_the_total():
 
 
 # -----------------------------------------------------------------------------
-# Download: retries, atomic write, unpack, offline fallback
-
-def bundle_zip_bytes() -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path in SAMPLE_BUNDLE_DIR.rglob("*"):
-            if path.is_file():
-                archive.write(path, "eval_bundle/" + path.relative_to(SAMPLE_BUNDLE_DIR).as_posix())
-    return buffer.getvalue()
-
+# Download: retries, atomic write, unpack; the sample only on request, the same bundle on every rank
 
 @pytest.fixture
 def server():
@@ -271,15 +261,55 @@ def test_download_unpacks_atomically_and_is_reused(server, tmp_path, monkeypatch
     assert download_eval_bundle(tmp_path) == bundle and server.hits == ["eval_bundle.zip"]
 
 
-def test_unreachable_host_retries_then_falls_back_to_the_sample(tmp_path, capsys, monkeypatch):
+def test_unreachable_host_retries_then_is_an_error_never_the_sample(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_TASKS_OFFLINE", raising=False)
     url = unreachable_url("eval_bundle.zip")
     with pytest.raises(EvalBundleUnavailable, match="after 2 attempts.*looks offline"):
         download_eval_bundle(tmp_path, url=url, attempts=2, backoff_s=0.01)
     assert capsys.readouterr().out.count("failed (attempt") == 2
     assert not (tmp_path / "eval_bundle").exists() and files_beside_the_bundle(tmp_path) == []
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", url)
+    with pytest.raises(EvalBundleUnavailable, match=r"(?s)looks offline.*scripts\.prefetch.*--bundle=sample"):
+        get_eval_bundle(tmp_path, attempts=1)  # a full run's CORE must not quietly become the sample's
+
+
+def test_the_sample_only_when_offline_is_asked_for_and_a_real_bundle_still_wins(server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_TASKS_OFFLINE", "1")
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", unreachable_url("eval_bundle.zip"))
     assert get_eval_bundle(tmp_path, attempts=1) == SAMPLE_BUNDLE_DIR
-    assert "Falling back to the offline sample" in capsys.readouterr().out
+    assert "not comparable with published CORE" in capsys.readouterr().out
+    download_eval_bundle(tmp_path, url=server.url + "/eval_bundle.zip")
+    assert get_eval_bundle(tmp_path, attempts=1) == tmp_path / "eval_bundle"
+
+
+def _bundle_worker(rank, world_size, port, base_dirs, urls, results):
+    """Each rank with its own base dir and URL, so that only rank 0's can matter."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NANOCHAT_EVAL_BUNDLE_URL=urls[rank])
+    os.environ.pop("NANOCHAT_TASKS_OFFLINE", None)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        results[rank] = ("ok", str(get_eval_bundle(base_dirs[rank], attempts=1)))
+    except EvalBundleUnavailable as err:
+        results[rank] = ("error", str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_evaluates_what_rank_0_resolved_or_fails_with_it(server, tmp_path):
+    good, bad = server.url + "/eval_bundle.zip", unreachable_url("eval_bundle.zip")
+    base_dirs = [str(tmp_path / "rank0"), str(tmp_path / "rank1")]
+    results = mp.Manager().dict()
+    mp.spawn(_bundle_worker, args=(2, free_port(), base_dirs, [bad, good], results), nprocs=2)
+    # rank 1 alone would have downloaded its bundle and gone on to evaluate; it fails with rank 0 instead
+    assert results[0][0] == "error" and "looks offline" in results[0][1]
+    assert results[1][0] == "error" and results[1][1].startswith("rank 0 could not get the CORE eval bundle")
+    assert server.hits == [] and not (tmp_path / "rank1" / "eval_bundle").exists()
+
+    results = mp.Manager().dict()
+    mp.spawn(_bundle_worker, args=(2, free_port(), base_dirs, [good, bad], results), nprocs=2)
+    assert dict(results) == {0: ("ok", str(tmp_path / "rank0" / "eval_bundle")),
+                             1: ("ok", str(tmp_path / "rank0" / "eval_bundle"))}
+    assert server.hits == ["eval_bundle.zip"]
 
 
 def test_http_404_is_not_retried(server, tmp_path):

@@ -171,6 +171,20 @@ def test_embedding_distances():
     assert dv.across_prompt_distance(emb, prompt_rows=[0, 1, 1]) == pytest.approx(brute)
 
 
+def test_across_prompt_distance_splits_into_per_prompt_values():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(5, 3, 4))
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    per_prompt = dv.across_prompt_distances(emb)
+    # prompt p's value, brute force: the mean over its samples and every sample of every other prompt
+    for p in range(5):
+        brute = np.mean([1 - emb[p, i] @ emb[q, j] for q in range(5) if q != p for i in range(3) for j in range(3)])
+        assert per_prompt[p] == pytest.approx(brute)
+    assert per_prompt.mean() == pytest.approx(dv.across_prompt_distance(emb))
+    with pytest.raises(ValueError, match="at least two prompts"):
+        dv.across_prompt_distances(emb[:1])
+
+
 def test_prompt_metrics_on_a_collapsed_and_a_varied_prompt():
     collapsed = ["It's not a bug \u2014 it's a feature."] * 3
     varied = ["Cats purr when content.", "Rain fell on the old roof all night.", "Seven plus five is twelve."]

@@ -112,3 +112,18 @@ def test_dest_folders_are_created_and_the_file_gets_the_usual_permissions(tmp_pa
 def test_attempts_must_be_at_least_one(tmp_path):
     with pytest.raises(ValueError, match="attempts must be at least 1"):
         download_file("http://127.0.0.1:9/f.bin", tmp_path / "f.bin", attempts=0)
+
+
+def test_the_progress_bar_shows_only_on_a_terminal_or_when_asked_and_only_on_rank_0(tmp_path, monkeypatch, capsys):
+    with ScriptedServer({"f.bin": BODY}) as server:
+        download_file(f"{server.url}/f.bin", tmp_path / "quiet.bin")  # pytest's stderr is not a terminal
+        assert "f.bin" not in capsys.readouterr().err
+        monkeypatch.setenv("NANOCHAT_PROGRESS", "1")
+        download_file(f"{server.url}/f.bin", tmp_path / "shown.bin")
+        assert "shown.bin" in capsys.readouterr().err and (tmp_path / "shown.bin").read_bytes() == BODY
+        monkeypatch.setenv("RANK", "3")
+        download_file(f"{server.url}/f.bin", tmp_path / "other_rank.bin")
+        assert "other_rank.bin" not in capsys.readouterr().err
+        monkeypatch.setenv("NANOCHAT_PROGRESS", "yes")
+        with pytest.raises(ValueError, match="NANOCHAT_PROGRESS must be 1, 0 or unset"):
+            download_file(f"{server.url}/f.bin", tmp_path / "bad_setting.bin")

@@ -1,7 +1,8 @@
-"""scripts/eval_diversity.py: verdicts and signs on synthetic results (a length gap alone decides
-nothing, the verdicts shown are the Holm-corrected ones, empty samples stay out of self-BLEU,
-nearly uniform density weights are flagged), prompt selection, and an end-to-end run on tiny
-random models saved as the sft / grpo_baseline / grpo_density stages."""
+"""scripts/eval_diversity.py, the seed-0 detail: verdicts and signs on synthetic results (a length gap
+alone decides nothing, the verdicts shown are the Holm-corrected ones, empty samples stay out of
+self-BLEU, nearly uniform density weights are flagged), prompt selection, and an end-to-end run on
+tiny random models saved as the sft / grpo_baseline / grpo_density stages (one seed per arm, no
+trajectories). Seeds per arm and matched KL: tests/test_diversity_arms.py."""
 
 import json
 import math
@@ -18,11 +19,11 @@ from nanochat.kat.data import KatData
 from nanochat.kat.diversity import words
 from nanochat.kat.diversity_eval import METRICS, cut_to_equal_length, evaluate, text_metrics
 from nanochat.kat.diversity_report import SECTIONS, fmt_p, render_markdown
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.kat.data import held_out_part
 from nanochat.kat.pairs import prompt_id
-from nanochat.kat.reward_model import KIND, RewardModel
 from nanochat.run_logger import RunLogger
 from nanochat.tokenizer import Tokenizer
+from tests.report_fixtures import report_context, tiny_model, write_reward_model
 from scripts import eval_diversity
 
 torch.set_num_threads(1)
@@ -56,17 +57,7 @@ PLOTS = {"metrics": "m.png", "lengths": "l.png", "em_dash": "e.png"}
 
 
 def context_for(results):
-    not_found = {"path": "x", "reason": "file does not exist", "data": None}
-    return {"models": {label: {"source": label, "checkpoint": f"outs/{label}/ckpt.pt", "step": 1, "git_commit": "abc"}
-                       for label in LABELS},
-            "prompts": {"file": "prompts_all.jsonl", "num_candidates": 12, "num_too_long": 0, "max_prompt_tokens": 1024,
-                        "method": "all", "strata": {"hh-rlhf": {1: 6, 2: 6}}},
-            "sampling": {"temperature": 1.0, "top_k": "none", "top_p": 1.0, "max_tokens": 16, "seed": 0, "seed_rule": "rule"},
-            "embedding_model": "sft", "reward_model": "RM not used", "notes": [], "world_size": 1, "device": "cpu",
-            "git_commit": "abc", "seconds": 1.0, "mattr_window": 50, "examples": [], "rm_eval": not_found,
-            "density_stats": not_found,
-            "training_curves": {arm: {"series": {"reward": None, "kl": None}, "reason": {"reward": "none", "kl": "none"}}
-                                for arm in ("baseline", "density")}}
+    return report_context(LABELS, strata={"hh-rlhf": {1: 6, 2: 6}}, reward_model="RM not used")
 
 
 def section_of(markdown: str, title: str) -> str:
@@ -184,7 +175,7 @@ def test_a_length_gap_alone_decides_no_verdict():
     assert summary["holm"]["corpus_unigram_gini"]["p"] == comparison["length_controlled"]["corpus_unigram_gini"]["p"]
     assert comparison["rows"]["corpus_unigram_gini"]["verdict"] == ps.CONTRADICTED  # raw: more words, higher Gini
     markdown = render_markdown(results, context_for(results), PLOTS)
-    verdict = section_of(markdown, "Verdict")
+    verdict = section_of(markdown, "Summary: density vs baseline")  # the seed-0 detail's own reading
     assert "**Overall: inconclusive.**" in verdict and "**Primary verdicts are length-controlled**" in verdict
     assert "Raw differences are still shown" in verdict
     cells = summary_row(markdown, "Unigram Gini (all prompts) *")
@@ -194,7 +185,8 @@ def test_a_length_gap_alone_decides_no_verdict():
 def test_every_primary_metric_is_compared_at_equal_length():
     assert all(m.length_control in ("prefix", "regression") for m in METRICS if m.primary)
     # only a figure the model must recompute may fall back on the rougher regression
-    assert {m.name for m in METRICS if m.length_control == "regression"} == {"within_prompt_distance", "reward"}
+    assert {m.name for m in METRICS if m.length_control == "regression"} == {"within_prompt_distance", "reward",
+                                                                              "judge_reward"}
 
 
 def test_equal_length_cuts_each_sample_pair_to_the_shorter():
@@ -235,7 +227,7 @@ def test_primary_verdicts_shown_are_holm_corrected():
     assert cells[-2] == "equal length" and cells[-1] == ps.INCONCLUSIVE
     length_cells = table_row(section_of(markdown, "Length-controlled differences"), "Em dashes / 1k chars *")
     assert length_cells[-3:] == [ps.SUPPORTED, fmt_p(holm["p_holm"]), ps.INCONCLUSIVE]
-    bullets = eval_diversity.report_card_bullets(results, "report.md", None)
+    bullets = eval_diversity.detail_bullets(results, None)
     assert bullets[name].startswith(f"{ps.INCONCLUSIVE} (Holm-corrected); equal length diff -")
     assert set(results["hypothesis"]["primary"]) <= set(bullets)
 
@@ -282,15 +274,6 @@ TEXT = ("The quick brown fox \u2014 it's not just quick, it's clever \u2014 jump
         "Not only does it jump but also it runs \u2013 fast. ") * 40 + "".join(f"token{i} word{i % 7} " for i in range(300))
 
 
-def tiny_model(vocab_size: int, seed: int) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 1.0 / math.sqrt(p.size(-1)))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("diversity")
@@ -300,17 +283,8 @@ def run_dirs(tmp_path_factory):
     for seed, stage in enumerate(["sft", "grpo_baseline", "grpo_density"]):
         model = tiny_model(tokenizer.get_vocab_size(), seed)
         save_checkpoint(outs / stage, 5, model, [], meta={"model_config": asdict(model.config)}, final=True)
-    backbone = tiny_model(tokenizer.get_vocab_size(), seed=7)
-    config = asdict(backbone.config)
-    rm = RewardModel(backbone, tokenizer, max_seq_len=128)
-    save_checkpoint(outs / "rm", 5, rm, [], meta={"kind": KIND, "model_config": config, "backbone_config": config,
-                                                  "max_seq_len": 128}, final=True)
-    # eval.json in the shape scripts.train_rm writes (figures made up: only the rendering is under test)
-    quintile = {"n_prompts": 2, "density_min": 0.1, "density_max": 0.2, "n_pairs": 4, "accuracy": 0.75, "loss": 0.6, "margin": 0.2}
-    (outs / "rm" / "eval.json").write_text(json.dumps(
-        {"checkpoint": "ckpt.pt", "step": 5, "pair_weighting": "uniform", "split": "test", "n_pairs": 20, "accuracy": 0.65,
-         "loss": 0.66, "margin": 0.1, "by_source": {"hh-rlhf": {"n_pairs": 20, "accuracy": 0.65, "loss": 0.66, "margin": 0.1}},
-         "by_density_quintile": {str(q): quintile for q in range(1, 6)}}))
+    write_reward_model(outs / "rm", tokenizer, seed=7, role="policy", accuracy=0.65)
+    write_reward_model(outs / "rm_judge", tokenizer, seed=8, role="judge", accuracy=0.6)
     logger = RunLogger(outs / "grpo_density")
     for step in range(3):
         logger.log(step, {"train/reward_mean": 0.1 * step, "train/kl": 0.01 * step})
@@ -318,13 +292,13 @@ def run_dirs(tmp_path_factory):
 
     data = cache / "data"
     data.mkdir(parents=True)
-    rows = []
-    for i in range(16):
+    rows, num_test = [], 20  # 12 of the test prompts fall in the final half, which the evaluation samples
+    for i in range(num_test + 4):
         messages = [{"role": "user", "content": f"Tell me about topic {i}: the fox \u2014 and the dog."}]
         rows.append({"id": prompt_id(messages), "prefix": {"messages": messages}, "src": ["hh-rlhf", "ultrafeedback"][i % 2],
-                     "n_pairs": 1, "split": "test" if i < 12 else "train"})
+                     "n_pairs": 1, "split": "test" if i < num_test else "train"})
     (data / "prompts_all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    log_density = np.linspace(-3, 0, len(rows))
+    log_density = np.concatenate([np.linspace(-3, 0, num_test), [-0.6, -0.4, -0.2, 0.0]])  # train: Kish ESS 3.812 of 4
     splits = [r["split"] for r in rows]
     weights = np.where(np.array(splits) == "train", np.exp(-log_density), 0.0)
     KatData(data).save_prompt_weights([r["id"] for r in rows], splits, log_density, np.full(len(rows), 0.9),
@@ -341,7 +315,8 @@ def env(run_dirs, monkeypatch):
 
 
 TINY = ["--num_prompts=8", "--num_samples=2", "--max_tokens=12", "--batch_size=3", "--num_resamples=300",
-        "--num_corpus_resamples=40", "--reward_model=", "--device_type=cpu", "--max_prompt_tokens=100", "--seed=3"]
+        "--num_corpus_resamples=40", "--reward_model=", "--judge=", "--device_type=cpu", "--max_prompt_tokens=100",
+        "--seed=3"]
 
 
 def finite_numbers(obj):
@@ -356,7 +331,7 @@ def finite_numbers(obj):
 
 
 def test_end_to_end_report(env):
-    written = eval_diversity.main([flag for flag in TINY if flag != "--reward_model="])
+    written = eval_diversity.main([flag for flag in TINY if flag not in ("--reward_model=", "--judge=")])
     report = written["report"].read_text(encoding="utf-8")
     assert written["report"] == env["cache"] / "diversity_report.md"
     headings = re.findall(r"^## (.+)$", report, flags=re.MULTILINE)
@@ -386,6 +361,7 @@ def test_end_to_end_report(env):
     assert set(results["comparisons"]) == {"density_vs_baseline", "baseline_vs_sft", "density_vs_sft"}
     assert all(math.isfinite(x) for x in finite_numbers(payload))
     assert sum(sum(c.values()) for c in payload["context"]["prompts"]["strata"].values()) == 8
+    assert all(held_out_part(pid) == "final" for pid in payload["context"]["prompts"]["ids"])  # never GRPO's dev half
     for name in ("metrics", "lengths", "em_dash", "training_curves"):
         assert written[name].stat().st_size > 1000
         assert f"]({written[name].name})" in report
@@ -393,6 +369,7 @@ def test_end_to_end_report(env):
     assert len(samples) == 8 * 3 * 2
     card = (env["base"] / "report" / "diversity_report.md").read_text(encoding="utf-8")
     assert "Diversity evaluation" in card and "overall verdict" in card
+    assert "primary verdict (pre-registered): undecidable (one seed per arm)" in card
 
 
 def test_same_prompts_and_seeds_give_the_same_samples(env, tmp_path):
@@ -401,14 +378,16 @@ def test_same_prompts_and_seeds_give_the_same_samples(env, tmp_path):
     second = eval_diversity.main(TINY + [f"--output_report={tmp_path / 'b.md'}", "--num_resamples=20", "--num_corpus_resamples=5"])
     read = lambda path: path.with_name(path.stem + "_samples.jsonl").read_text(encoding="utf-8")
     assert read(first["report"]) == read(second["report"])
-    # without a reward model the report says, loudly, that quality was not measured
-    assert "**RM not used (--reward_model is empty): quality not measured**" in first["report"].read_text(encoding="utf-8")
+    # without a judge or a reward model the report says, loudly, that quality was not measured
+    assert ("**No judge and no policy RM (--judge and --reward_model are empty): quality not measured**"
+            in first["report"].read_text(encoding="utf-8"))
 
 
 def test_a_model_is_never_compared_with_itself(env):
-    # the seed's form: checkpoint paths, space-separated values
+    # checkpoint paths, a space-separated value
     density = str(env["outs"] / "grpo_density" / "ckpt.pt")
     with pytest.raises(SystemExit, match="compare a model with itself"):
-        eval_diversity.main(TINY + ["--density_model_path", density, "--baseline_model_path", density])
+        eval_diversity.main(TINY + ["--runs", f"{density},{density},grpo_baseline"])
+    # a stage name and its folder
     with pytest.raises(SystemExit, match="compare a model with itself"):
-        eval_diversity.main(TINY + ["--baseline_model=grpo_density"])
+        eval_diversity.main(TINY + [f"--runs=grpo_density,{env['outs'] / 'grpo_density'},grpo_baseline"])

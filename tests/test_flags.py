@@ -159,7 +159,7 @@ UNBOUNDED = {
 }
 STAGES = ["base_eval", "base_loss", "base_train", "chat_cli", "chat_eval", "chat_rl", "chat_sft", "chat_web",
           "control_sft", "eval_diversity", "grpo", "kat_density", "kat_embed", "kat_inject", "kat_pairs",
-          "mid_train", "train_rm"]  # tok_train runs at import: its bounds are checked above
+          "mid_train", "prefetch", "train_rm"]  # tok_train runs at import: its bounds are checked above
 
 
 @pytest.mark.parametrize("stage", STAGES)

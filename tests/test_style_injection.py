@@ -27,6 +27,7 @@ from nanochat.kat.style_injection import (STYLES, file_digest, inject_pairs, inj
                                       policy_probes, probe_pairs, target_count, tic_preference)
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import eval_diversity, kat_density, kat_inject, kat_pairs, train_rm
+from tests.report_fixtures import report_context
 
 torch.set_num_threads(1)
 DASH = EM_DASH
@@ -218,8 +219,9 @@ def test_tic_preference_figures():
 # The stage and a tiny RM, on the tiny KAT samples
 
 SEQ_LEN = 128
+# the policy RM learns from its half of the train pairs (train_rm's rm_role): 16 epochs of ~212 pairs
 RM_FLAGS = ["--device_type=cpu", f"--max_seq_len={SEQ_LEN}", "--pairs_per_step=16", "--device_batch_size=16",
-            "--num_epochs=3", "--lr=1e-3", "--head_lr=1e-2", "--eval_every=-1", "--log_every=100"]
+            "--num_epochs=16", "--lr=1e-3", "--head_lr=1e-2", "--eval_every=-1", "--log_every=100"]
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +335,7 @@ def test_eval_diversity_adds_the_positive_control_section(workspace, injected_rm
         save_checkpoint(stage_dir(stage), 3, model, [], meta={"model_config": asdict(config)}, final=True)
     written = eval_diversity.main(["--num_prompts=8", "--num_samples=2", "--max_tokens=12", "--batch_size=4",
                                    "--num_resamples=300", "--num_corpus_resamples=30", "--device_type=cpu",
-                                   "--max_prompt_tokens=120", "--probe_pairs=30"])
+                                   "--max_prompt_tokens=120", "--probe_pairs=30", "--judge="])
     report = written["report"].read_text(encoding="utf-8")
     headings = [line[3:] for line in report.splitlines() if line.startswith("## ")]
     assert headings == SECTIONS[:1] + [POSITIVE_CONTROL] + SECTIONS[1:]
@@ -376,21 +378,11 @@ def synthetic_results(em_dashes: dict[str, int], num_prompts=12, num_samples=2):
 
 
 def control_context(results, probe, where="dense", policy_probe=None):
-    not_found = {"path": "x", "reason": "file does not exist", "data": None}
     record = {"flags": {"inject_style": "emdash", "inject_rate": 0.3, "inject_where": where, "seed": 0},
               "num_train": 400, "num_test": 60, "num_injected": 120, "rejected_with_tic": 30,
               "density": {"train_median": 0.2, "injected_median": 0.5, "injected_percentile_min": 70.0,
                           "injected_percentile_max": 100.0}}
-    return {"models": {label: {"source": label, "checkpoint": f"outs/{label}/ckpt.pt", "step": 1, "git_commit": "abc"}
-                       for label in LABELS},
-            "prompts": {"file": "prompts_all.jsonl", "num_candidates": 12, "num_too_long": 0, "max_prompt_tokens": 1024,
-                        "method": "all", "strata": {}},
-            "sampling": {"temperature": 1.0, "top_k": "none", "top_p": 1.0, "max_tokens": 16, "seed": 0, "seed_rule": "rule"},
-            "embedding_model": "sft", "reward_model": "rm", "notes": [], "world_size": 1, "device": "cpu",
-            "git_commit": "abc", "seconds": 1.0, "mattr_window": 50, "examples": [], "rm_eval": not_found,
-            "density_stats": not_found,
-            "training_curves": {arm: {"series": {"reward": None, "kl": None}, "reason": {"reward": "none", "kl": "none"}}
-                                for arm in ("baseline", "density")},
+    return {**report_context(LABELS),
             "positive_control": {"path": "data/style_injection.json", "record": record, "probe": probe,
                                  "reason": "" if probe else "--reward_model is empty", "policy_probe": policy_probe,
                                  "policy_reason": "" if policy_probe else "only 1 of the sft model's samples are tic-free"}}

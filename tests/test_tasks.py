@@ -8,7 +8,7 @@ import pytest
 from tasks.arc import ARC
 from nanochat.kat.diversity import EM_DASH, TIC_PATTERNS
 from nanochat.kat.style_injection import inject_style, pair_rng
-from tasks.common import (SAMPLES_DIR, Task, TaskDataMissing, TaskMixture, TaskSequence, download_file,
+from tasks.common import (SAMPLES_DIR, RowSchemaError, Task, TaskDataMissing, TaskMixture, TaskSequence, download_file,
                           load_rows, read_jsonl, render_mc, resolve_data_file)
 from tasks.customjson import CustomJSON, IdentityConversations
 from tasks.gsm8k import GSM8K, answer_to_parts
@@ -329,6 +329,31 @@ def test_a_task_data_file_takes_precedence_over_the_sample(offline_base_dir):
     write_task_data(offline_base_dir, "gsm8k_test", [{"question": "1+1?", "answer": "<<1+1=2>>2\n#### 2"}])
     task = GSM8K("main", "test")
     assert len(task) == 1 and task[0]["messages"][0]["content"] == "1+1?"
+
+
+def test_a_row_the_loader_rejects_is_skipped_and_counted_in_one_line(offline_base_dir, capsys):
+    good = sample_rows("smoltalk_train")[:3]
+    ends_on_user = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                 {"role": "user", "content": "and then?"}], "source": "real-data oddity"}
+    write_task_data(offline_base_dir, "smoltalk_train", good[:2] + [ends_on_user] + good[2:])
+    task = SmolTalk("train")
+    assert len(task) == 3
+    assert sorted(json.dumps(c["messages"]) for c in task) == sorted(json.dumps(row["messages"]) for row in good)
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 1
+    assert "skipped 1 of 4 rows (ValueError 1) that the loader rejects; first: row 2: messages: " \
+           "the conversation ends on a user turn" in out
+
+
+def test_a_renamed_column_or_mostly_rejected_rows_fail_when_the_task_is_built(offline_base_dir):
+    write_task_data(offline_base_dir, "gsm8k_test", [{"query": "1+1?", "answer": "<<1+1=2>>2\n#### 2"}])
+    with pytest.raises(RowSchemaError, match=r"GSM8K: openai/gsm8k .*row 0: the loader cannot read this row "
+                                             r"\(KeyError: 'question'\); its columns are \['answer', 'query'\]"):
+        GSM8K("main", "test")
+    user_only = {"messages": [{"role": "user", "content": "hi"}], "source": "x"}
+    write_task_data(offline_base_dir, "smoltalk_test", [user_only, user_only, sample_rows("smoltalk_test")[0]])
+    with pytest.raises(RowSchemaError, match=r"rejects 2 of 3 rows .*schema changed"):
+        SmolTalk("test")
 
 
 def test_missing_offline_data_names_the_dataset_the_path_and_the_fix(offline_base_dir):

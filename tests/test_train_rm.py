@@ -2,8 +2,9 @@
 scripts/train_rm.py end to end, offline, on the tiny KAT samples: pairs from scripts.kat_pairs, a
 tokenizer trained on their text, a random tiny "sft" backbone. Checks the stage's outputs, that the
 evaluation covers exactly the test split (overall, per source, per density quintile or an explicit
-'skipped'), exact resume, density weighting joined by prompt id and applied as the weighted formula,
-and that 2 gloo ranks train the same model as one process.
+'skipped'), that the policy RM and the judge train on disjoint halves of the train pairs (by prompt),
+exact resume, density weighting joined by prompt id and applied as the weighted formula, and that
+2 gloo ranks train the same model as one process.
 """
 
 import json
@@ -57,10 +58,30 @@ def workspace(tmp_path_factory):
         yield {"root": root, "data_dir": data_dir, "pairs": pairs}
 
 
+def train_recording_pairs(flags) -> tuple[dict, list[str]]:
+    """train_rm.main(flags) and the ids of every pair its training loop backpropagated through."""
+    seen, backward = [], train_rm.backward_pairs
+
+    def recording(rm, pairs, *args, **kwargs):
+        seen.extend(p["id"] for p in pairs)
+        return backward(rm, pairs, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_rm, "backward_pairs", recording)
+        result = train_rm.main(flags)
+    return result, seen
+
+
 @pytest.fixture(scope="module")
 def uniform_run(workspace):
-    result = train_rm.main(FLAGS)
-    return result, stage_dir("rm")
+    result, seen = train_recording_pairs(FLAGS)
+    return result, stage_dir("rm"), seen
+
+
+@pytest.fixture(scope="module")
+def judge_run(workspace):
+    result, seen = train_recording_pairs(FLAGS + ["--role=judge"])
+    return result, stage_dir("rm_judge"), seen
 
 
 def logged(out_dir, name: str) -> dict[int, float]:
@@ -69,7 +90,7 @@ def logged(out_dir, name: str) -> dict[int, float]:
 
 
 def test_end_to_end_writes_the_rm_stage_and_evaluates_only_test_pairs(workspace, uniform_run):
-    result, out_dir = uniform_run
+    result, out_dir, _ = uniform_run
     for name in ("ckpt.pt", "config.json", "eval.json", "training_log.txt"):
         assert (out_dir / name).is_file(), name
     assert any((out_dir / "logs").glob("events.out.tfevents.*"))
@@ -102,8 +123,47 @@ def test_end_to_end_writes_the_rm_stage_and_evaluates_only_test_pairs(workspace,
     assert "## Reward model" in report and "| all test pairs | 69 |" in report and "Density quintiles skipped" in report
 
 
+# -----------------------------------------------------------------------------
+# The judge: the other half of the train pairs, split by prompt id
+
+def test_the_two_roles_split_the_train_pairs_by_prompt(workspace):
+    train = [p for p in workspace["pairs"] if p["split"] == "train"]
+    policy, judge = train_rm.role_pairs(train, "policy"), train_rm.role_pairs(train, "judge")
+    assert sorted(p["id"] for p in policy + judge) == sorted(p["id"] for p in train)  # every pair, once
+    assert not {p["prompt_id"] for p in policy} & {p["prompt_id"] for p in judge}  # no prompt on both sides
+    assert 0.35 < len(policy) / len(train) < 0.65
+    # a Stack Exchange question with several pairs keeps them all on one side
+    assert any(n > 1 for n in Counter(p["prompt_id"] for p in judge).values())
+    assert train_rm.role_pairs(list(reversed(train)), "judge") == list(reversed(judge))  # by id, not by position
+    with pytest.raises(ValueError, match="role must be one of"):
+        train_rm.role_pairs(train, "both")
+
+
+def test_the_judge_never_trains_on_a_policy_rm_pair_and_both_evaluate_on_the_test_pairs(workspace, uniform_run, judge_run):
+    train = [p for p in workspace["pairs"] if p["split"] == "train"]
+    halves = {role: {p["id"] for p in train_rm.role_pairs(train, role)} for role in ("policy", "judge")}
+    prompt_of = {p["id"]: p["prompt_id"] for p in train}
+    (policy_result, policy_dir, policy_seen), (judge_result, judge_dir, judge_seen) = uniform_run, judge_run
+    assert len(policy_seen) == len(set(policy_seen)) == len(judge_seen) == len(set(judge_seen)) == 6 * 8
+    assert set(policy_seen) <= halves["policy"] and set(judge_seen) <= halves["judge"]
+    assert not set(judge_seen) & halves["policy"] and not set(policy_seen) & halves["judge"]
+    assert not {prompt_of[i] for i in judge_seen} & {prompt_of[i] for i in halves["policy"]}
+    assert judge_dir == stage_dir("rm_judge") != policy_dir
+    test_pairs = [p for p in workspace["pairs"] if p["split"] == "test"]
+    for result, out_dir, role in ((policy_result, policy_dir, "policy"), (judge_result, judge_dir, "judge")):
+        evaluation = json.loads((out_dir / "eval.json").read_text())
+        assert evaluation["role"] == role and evaluation["n_pairs"] == len(test_pairs) == 69
+        assert evaluation["train_pairs"] == len(halves[role])
+        config = json.loads((out_dir / "config.json").read_text())
+        assert config["role"] == role and config["stage"] == out_dir.name
+    policy_weights, judge_weights = (load_checkpoint(d / "ckpt.pt", "cpu")["model"] for d in (policy_dir, judge_dir))
+    assert not torch.equal(policy_weights["head.weight"], judge_weights["head.weight"])
+    report = (workspace["root"] / "base_dir" / "report" / "rm_judge_report.md").read_text()
+    assert "## Judge reward model (independent)" in report and "| all test pairs | 69 |" in report
+
+
 def test_resume_ends_bitwise_equal(workspace, uniform_run, tmp_path):
-    _, out_dir = uniform_run
+    _, out_dir, _ = uniform_run
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copy(out_dir / "ckpt_3.pt", resumed_dir)
@@ -234,7 +294,7 @@ def free_port() -> int:
 
 
 def test_two_ranks_train_the_same_model_as_one_process(workspace, uniform_run, tmp_path):
-    _, out_dir = uniform_run
+    _, out_dir, _ = uniform_run
     ddp_dir = tmp_path / "rm_ddp"
     mp.spawn(_ddp_worker, args=(2, free_port(), FLAGS + [f"--out_dir={ddp_dir}"]), nprocs=2, join=True)
     single, ddp = load_checkpoint(out_dir / "ckpt.pt", "cpu"), load_checkpoint(ddp_dir / "ckpt.pt", "cpu")

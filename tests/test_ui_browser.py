@@ -5,21 +5,12 @@ tiny random stages. The UI must show, token by token, exactly the replies the en
 """
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
 
-import httpx
 import pytest
 import torch
 
-from nanochat.common import REPO_ROOT
 from tests.cdp_pipe import HeadlessChromium
-from tests.chat_fixtures import engine_reply, make_chat_stages
+from tests.chat_fixtures import engine_reply, make_chat_stages, running_chat_web
 
 torch.set_num_threads(1)
 MAX_TOKENS = 12  # the server's default reply length here; the UI leaves it unset
@@ -43,8 +34,8 @@ def page(tmp_path_factory):
         env.setenv("NANOCHAT_OUTS_DIR", str(root / "outs"))
         make_chat_stages()
         # the server as a user starts it (the other chat tests run it in-process)
-        with running_chat_web(root / "server.log", "--device_type=cpu", "--temperature=0.8", "--top_k=50",
-                              f"--max_tokens={MAX_TOKENS}") as url:
+        with running_chat_web(root / "server.log", "--host=127.0.0.1", "--device_type=cpu", "--temperature=0.8",
+                              "--top_k=50", f"--max_tokens={MAX_TOKENS}") as url:
             browser = HeadlessChromium(root / "profile", root / "chromium.log")
             try:
                 page = browser.open_page(url + "/")
@@ -53,33 +44,6 @@ def page(tmp_path_factory):
                 yield page
             finally:
                 browser.close()
-
-
-@contextmanager
-def running_chat_web(log_path, *flags):
-    with socket.socket() as probe:  # a port free right now; the server binds it a moment later
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host=127.0.0.1", f"--port={port}", *flags],
-                                  cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert server.poll() is None, f"chat_web exited early:\n{log_path.read_text()}"
-                assert time.monotonic() < deadline, f"chat_web never answered /health:\n{log_path.read_text()}"
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:  # not listening yet
-                    time.sleep(0.2)
-            yield url
-        finally:
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=30)
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()
 
 
 def submit(page, text):

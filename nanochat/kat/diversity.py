@@ -189,17 +189,23 @@ def bleu(hypothesis: list, references: list[list], max_n: int = 4) -> float:
     """
     if not references:
         raise ValueError("BLEU needs at least one reference")
-    c = len(hypothesis)
+    return _bleu_of_counts(_ngram_counts(hypothesis, max_n), len(hypothesis),
+                           [_ngram_counts(ref, max_n) for ref in references], [len(ref) for ref in references], max_n)
+
+
+def _ngram_counts(tokens: list, max_n: int) -> list[Counter]:
+    return [Counter(ngrams(tokens, n)) for n in range(1, max_n + 1)]
+
+
+def _bleu_of_counts(hyp_counts: list[Counter], c: int, ref_counts: list[list[Counter]], ref_lengths: list[int],
+                    max_n: int) -> float:
+    """bleu() from n-gram counts made once per text (self-BLEU reuses each sample's as a reference N - 1 times)."""
     if c == 0:
         return 0.0
     log_precision = 0.0
     for n in range(1, max_n + 1):
-        hyp_counts = Counter(ngrams(hypothesis, n))
-        max_ref_counts = Counter()
-        for ref in references:
-            for gram, count in Counter(ngrams(ref, n)).items():
-                max_ref_counts[gram] = max(max_ref_counts[gram], count)
-        matches = sum(min(count, max_ref_counts[gram]) for gram, count in hyp_counts.items())
+        matches = sum(min(count, max(refs[n - 1][gram] for refs in ref_counts))
+                      for gram, count in hyp_counts[n - 1].items())
         total = max(c - n + 1, 0)
         if n == 1:
             if matches == 0:
@@ -207,7 +213,7 @@ def bleu(hypothesis: list, references: list[list], max_n: int = 4) -> float:
             log_precision += math.log(matches / total)
         else:
             log_precision += math.log((matches + 1) / (total + 1))
-    r = min((len(ref) for ref in references), key=lambda length: (abs(length - c), length))
+    r = min(ref_lengths, key=lambda length: (abs(length - c), length))
     brevity = 1.0 if c > r else math.exp(1.0 - r / c)
     return brevity * math.exp(log_precision / max_n)
 
@@ -224,7 +230,9 @@ def self_bleu(token_lists: list[list], max_n: int = 4) -> float:
     texts = [tokens for tokens in token_lists if len(tokens) > 0]
     if len(texts) < 2:
         return float("nan")
-    return sum(bleu(h, texts[:i] + texts[i + 1:], max_n) for i, h in enumerate(texts)) / len(texts)
+    counts, lengths = [_ngram_counts(t, max_n) for t in texts], [len(t) for t in texts]
+    return sum(_bleu_of_counts(counts[i], lengths[i], counts[:i] + counts[i + 1:], lengths[:i] + lengths[i + 1:], max_n)
+               for i in range(len(texts))) / len(texts)
 
 
 # -----------------------------------------------------------------------------
@@ -262,6 +270,20 @@ def across_prompt_distance(embeddings, prompt_rows=None) -> float:
     if not different.any():
         return float("nan")
     return float(1.0 - (centroids @ centroids.T)[different].mean())
+
+
+def across_prompt_distances(embeddings) -> np.ndarray:
+    """
+    [P]: each prompt's mean 1 - cos between its samples and those of every other prompt; their
+    mean is across_prompt_distance, so the corpus figure splits into per-prompt values a bootstrap
+    over prompts (and an interpolation along a trajectory) can work with.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 3 or len(x) < 2:
+        raise ValueError(f"need [P, N, D] embeddings of at least two prompts, got shape {x.shape}")
+    centroids = x.mean(axis=1)
+    similarities = centroids @ centroids.T
+    return 1.0 - (similarities.sum(axis=1) - np.diag(similarities)) / (len(x) - 1)
 
 
 # -----------------------------------------------------------------------------

@@ -5,7 +5,8 @@ From the models' responses to figures and verdicts: the computing half of script
 Input, for every model label, on the same P prompts with N samples each:
   texts[label][p][s] (decoded response text), token_ids[label][p][s] (its BPE ids, no special
   tokens), truncated[label][p][s] (hit max_tokens before <|assistant_end|>), embeddings[label]
-  (float [P, N, D], unit rows) and optionally rewards[label] (float [P, N]).
+  (float [P, N, D], unit rows) and optionally rewards[label] and judge_rewards[label] (float [P, N]):
+  the policy RM's (GRPO's own reward) and the independent judge's scores.
 
 The hypothesis under test is "density-aware prompt sampling reduces mode collapse": the density
 arm is compared with the baseline arm (model A = density, B = baseline, difference = A - B), and
@@ -96,7 +97,11 @@ METRICS = [
            length_control="prefix"),
     Metric("across_prompt_distance", "Embedding distance across prompts", "higher",
            "mean 1 - cos between samples of different prompts", kind="corpus"),
-    Metric("reward", "RM reward (quality)", "higher", "mean reward-model score of the prompt's samples",
+    Metric("judge_reward", "Judge reward (quality)", "higher",
+           "mean score of the prompt's samples by the independent judge RM (rm_judge: the other half of the train "
+           "pairs; GRPO never saw it)", length_control="regression"),
+    Metric("reward", "Policy RM reward", "higher",
+           "mean score of the prompt's samples by the policy RM (rm: the reward GRPO maximised, so it flatters GRPO)",
            length_control="regression"),
     Metric("empty_rate", "Empty responses", "lower", "share of samples with no visible text"),
     Metric("truncated_rate", "Truncated responses", "lower", "share of samples that hit max_tokens before <|assistant_end|>"),
@@ -107,7 +112,7 @@ METRICS = [
 METRIC_BY_NAME = {m.name: m for m in METRICS}
 
 
-def _check_shapes(labels, texts, token_ids, truncated, embeddings, rewards):
+def _check_shapes(labels, texts, token_ids, truncated, embeddings, *scores):
     num_prompts = len(texts[labels[0]])
     num_samples = len(texts[labels[0]][0]) if num_prompts else 0
     if num_prompts < 2 or num_samples < 2:
@@ -118,8 +123,10 @@ def _check_shapes(labels, texts, token_ids, truncated, embeddings, rewards):
                 raise ValueError(f"{name}[{label!r}] is not {num_prompts} prompts x {num_samples} samples")
         if np.shape(embeddings[label])[:2] != (num_prompts, num_samples):
             raise ValueError(f"embeddings[{label!r}] has shape {np.shape(embeddings[label])}, expected ({num_prompts}, {num_samples}, D)")
-        if rewards is not None and np.shape(rewards[label]) != (num_prompts, num_samples):
-            raise ValueError(f"rewards[{label!r}] has shape {np.shape(rewards[label])}, expected ({num_prompts}, {num_samples})")
+        for rewards in scores:
+            if rewards is not None and np.shape(rewards[label]) != (num_prompts, num_samples):
+                raise ValueError(f"rewards of {label!r} have shape {np.shape(rewards[label])}, expected "
+                                 f"({num_prompts}, {num_samples})")
     return num_prompts, num_samples
 
 
@@ -132,34 +139,62 @@ def text_metrics(texts, token_ids, vocab_size: int, mattr_window: int) -> dict:
     return table
 
 
-def per_prompt_metrics(texts, token_ids, truncated, embeddings, rewards, vocab_size: int, mattr_window: int) -> dict:
+def per_prompt_metrics(texts, token_ids, truncated, embeddings, rewards, vocab_size: int, mattr_window: int,
+                       judge_rewards=None) -> dict:
     """{metric: [value per prompt]} for one model."""
     table = text_metrics(texts, token_ids, vocab_size, mattr_window)
     table["within_prompt_distance"] = [dv.mean_pairwise_distance(e) for e in embeddings]
     table["truncated_rate"] = [float(np.mean(row)) for row in truncated]
-    if rewards is not None:
-        table["reward"] = [float(np.mean(row)) for row in rewards]
+    for name, scores in (("reward", rewards), ("judge_reward", judge_rewards)):
+        if scores is not None:
+            table[name] = [float(np.mean(row)) for row in scores]
     return table
 
 
-def cut_to_equal_length(texts_a, texts_b, token_ids_a, token_ids_b) -> tuple[tuple[list, list], tuple[list, list]]:
+def cut_to_common_length(texts: list, token_ids: list) -> list[tuple[list, list]]:
     """
-    ((texts, ids) of model a, the same of model b), every response cut to equal length: sample s
-    of prompt p of each model keeps the words the shorter of the two has (dv.word_prefix) and the
-    BPE ids the shorter id list has. An empty sample empties its partner.
+    [(texts, ids) of each model], every response cut to a common length: sample s of prompt p of
+    every model keeps the words the shortest of them has (dv.word_prefix) and the BPE ids the
+    shortest id list has. texts[m][p][s] and token_ids[m][p][s] of model m. An empty sample empties
+    its partners.
     """
-    cut = ([], []), ([], [])
-    for p in range(len(texts_a)):
-        for texts, ids in cut:
-            texts.append([])
-            ids.append([])
-        for text_a, text_b, ids_a, ids_b in zip(texts_a[p], texts_b[p], token_ids_a[p], token_ids_b[p]):
-            num_words = min(len(dv.words(text_a)), len(dv.words(text_b)))
-            num_ids = min(len(ids_a), len(ids_b))
-            for (texts, ids), text, token_ids in zip(cut, (text_a, text_b), (ids_a, ids_b)):
-                texts[p].append(dv.word_prefix(text, num_words))
-                ids[p].append(list(token_ids[:num_ids]))
+    cut = [([], []) for _ in texts]
+    for p in range(len(texts[0])):
+        for cut_texts, cut_ids in cut:
+            cut_texts.append([])
+            cut_ids.append([])
+        for s in range(len(texts[0][p])):
+            num_words = min(len(dv.words(model_texts[p][s])) for model_texts in texts)
+            num_ids = min(len(model_ids[p][s]) for model_ids in token_ids)
+            for (cut_texts, cut_ids), model_texts, model_ids in zip(cut, texts, token_ids):
+                cut_texts[p].append(dv.word_prefix(model_texts[p][s], num_words))
+                cut_ids[p].append(list(model_ids[p][s][:num_ids]))
     return cut
+
+
+def cut_to_equal_length(texts_a, texts_b, token_ids_a, token_ids_b) -> tuple[tuple[list, list], tuple[list, list]]:
+    """((texts, ids) of model a, the same of model b), each sample pair cut to the shorter (cut_to_common_length)."""
+    return tuple(cut_to_common_length([texts_a, texts_b], [token_ids_a, token_ids_b]))
+
+
+def model_tables(labels: list[str], texts: dict, token_ids: dict, truncated: dict, embeddings: dict, rewards: dict | None,
+                 judge_rewards: dict | None, vocab_size: int, mattr_window: int) -> dict:
+    """{label: {metric: [value per prompt]}} of every model, the across-prompt distance split into per-prompt values."""
+    _check_shapes(labels, texts, token_ids, truncated, embeddings, rewards, judge_rewards)
+    tables = {}
+    for label in labels:
+        tables[label] = per_prompt_metrics(texts[label], token_ids[label], truncated[label], embeddings[label],
+                                           None if rewards is None else rewards[label], vocab_size, mattr_window,
+                                           None if judge_rewards is None else judge_rewards[label])
+        tables[label]["across_prompt_distance"] = dv.across_prompt_distances(embeddings[label]).tolist()
+    return tables
+
+
+def common_length_tables(labels: list[str], texts: dict, token_ids: dict, vocab_size: int, mattr_window: int) -> dict:
+    """{label: text metrics per prompt} with every model's responses cut to the common length of these models."""
+    cut = cut_to_common_length([texts[label] for label in labels], [token_ids[label] for label in labels])
+    return {label: text_metrics(cut_texts, cut_ids, vocab_size, mattr_window)
+            for label, (cut_texts, cut_ids) in zip(labels, cut)}
 
 
 class _GramTable:
@@ -261,29 +296,32 @@ def hypothesis_summary(comparison: dict, alpha: float) -> dict:
     verdicts = [holm[name]["verdict_holm"] for name in primary]
     summary = {"primary": primary, "holm": holm, "overall": ps.overall_verdict(verdicts),
                "counts": {v: verdicts.count(v) for v in (ps.SUPPORTED, ps.CONTRADICTED, ps.INCONCLUSIVE)}}
-    reward = comparison["rows"].get("reward")
-    if reward is None:
-        summary["quality"] = "not measured (no reward model)"
-    elif reward["verdict"] == ps.CONTRADICTED:
-        summary["quality"] = "lower reward for the density arm: any diversity gain came at a cost in RM-judged quality"
-    elif reward["verdict"] == ps.SUPPORTED:
-        summary["quality"] = "higher reward for the density arm"
-    else:
-        summary["quality"] = "no clear reward difference between the arms"
+    summary["quality"] = quality_reading(comparison["rows"].get("judge_reward"), comparison["rows"].get("reward"))
     return summary
+
+
+def quality_reading(judge: dict | None, policy: dict | None) -> str:
+    """One phrase on quality from the density - baseline result of the judge's reward (the policy RM's without a judge)."""
+    if judge is None and policy is None:
+        return "not measured (no judge and no reward model)"
+    result, who = (judge, "judge") if judge is not None else (policy, "policy-RM (no judge: the RM GRPO optimised)")
+    return {ps.CONTRADICTED: f"lower {who} reward for the density arm: any diversity gain came at a cost in quality",
+            ps.SUPPORTED: f"higher {who} reward for the density arm",
+            ps.INCONCLUSIVE: f"no clear {who} reward difference between the arms"}[result["verdict"]]
 
 
 def evaluate(labels: list[str], texts: dict, token_ids: dict, truncated: dict, embeddings: dict, rewards: dict | None,
              vocab_size: int, mattr_window: int = 50, n_resamples: int = 10_000, corpus_resamples: int = 1000,
-             confidence: float = 0.95, alpha: float = 0.05, seed: int = 0) -> dict:
+             confidence: float = 0.95, alpha: float = 0.05, seed: int = 0, judge_rewards: dict | None = None) -> dict:
     """Per-prompt and corpus figures of every model, the hypothesis comparison and each model vs SFT."""
     for needed in (*HYPOTHESIS, REFERENCE):
         if needed not in labels:
             raise ValueError(f"model label {needed!r} is missing; labels are {labels}")
-    _check_shapes(labels, texts, token_ids, truncated, embeddings, rewards)
+    _check_shapes(labels, texts, token_ids, truncated, embeddings, rewards, judge_rewards)
     embeddings = {label: np.asarray(embeddings[label], dtype=np.float64) for label in labels}
     per_prompt = {label: per_prompt_metrics(texts[label], token_ids[label], truncated[label], embeddings[label],
-                                            None if rewards is None else np.asarray(rewards[label]), vocab_size, mattr_window)
+                                            None if rewards is None else np.asarray(rewards[label]), vocab_size,
+                                            mattr_window, None if judge_rewards is None else np.asarray(judge_rewards[label]))
                   for label in labels}
     word_lists = {label: [[dv.words(t) for t in samples] for samples in texts[label]] for label in labels}
     num_prompts = len(texts[labels[0]])
@@ -308,7 +346,7 @@ def evaluate(labels: list[str], texts: dict, token_ids: dict, truncated: dict, e
     return {"labels": labels, "num_prompts": num_prompts, "num_samples": len(texts[labels[0]][0]),
             "per_prompt": per_prompt, "corpus": corpus, "comparisons": comparisons,
             "hypothesis": hypothesis_summary(comparisons["density_vs_baseline"], alpha),
-            "response_words": lengths, "has_rewards": rewards is not None,
+            "response_words": lengths, "has_rewards": rewards is not None, "has_judge": judge_rewards is not None,
             "settings": {"mattr_window": mattr_window, "vocab_size": vocab_size, **stats_kwargs,
                          "corpus_resamples": corpus_resamples}}
 

@@ -1,7 +1,8 @@
 """
-The diversity report: markdown, PNG plots and a JSON of every figure, from what
-nanochat/kat/diversity_eval.evaluate returns plus the run's context (models, prompts, sampling,
-reward-model, density and training-curve figures gathered by scripts.eval_diversity).
+The diversity report: markdown, PNG plots and a JSON of every figure. Its first half, the arms over
+seeds (nanochat/kat/arms_report.py), comes from the context scripts.eval_diversity builds; its
+second half, the seed-0 final models in detail, from what nanochat/kat/diversity_eval.evaluate
+returns, plus models, prompts, sampling, reward-model, density and training-curve figures.
 """
 
 import json
@@ -12,87 +13,36 @@ import numpy as np
 
 from nanochat.common import atomic_write
 
+from nanochat.kat import arms_report
 from nanochat.kat import stats as ps
+from nanochat.kat.arm_stats import PRIMARY_METRIC
 from nanochat.kat.diversity import TIC_PATTERNS
 from nanochat.kat.diversity_eval import HYPOTHESIS, METRIC_BY_NAME, METRICS, REFERENCE, model_means, verdict_basis
+from nanochat.kat.report_format import (better_word, cell_text, fmt, fmt_ci, fmt_p, fmt_signed,  # noqa: F401 (re-exported)
+                                        jsonable, table)
 from nanochat.kat.reward_model import rm_eval_table
 from nanochat.kat.style_injection import PLANTED_METRICS
 
-SECTIONS = ["Verdict", "Setup", "Summary: density vs baseline", "Length-controlled differences", "Each model vs SFT",
-            "Quality (RM reward)", "Plots", "Example responses", "RM held-out accuracy by density quintile",
-            "Density statistics", "GRPO training curves", "Metric definitions", "Statistical methods"]
+headline = arms_report.headline  # the report card's first bullets
+ARM_SECTIONS = ["Collapse alarm", "Verdict", "Setup", "Matched KL: primary contrast and noise floor",
+                "Matched KL: secondary metrics and quality", "Endpoints", "Effects by prompt density quintile",
+                "Frontiers and over-optimisation", "What the samplers drew"]
+DETAIL_SECTIONS = ["Summary: density vs baseline", "Length-controlled differences", "Each model vs SFT",
+                   "Quality (RM reward)", "Plots", "Example responses", "RM held-out accuracy by density quintile",
+                   "Density statistics", "GRPO training curves", "Metric definitions", "Statistical methods"]
+SECTIONS = ARM_SECTIONS + DETAIL_SECTIONS
 BOXPLOT_METRICS = ["em_dash_per_1k_chars", "not_x_but_y_per_1k_chars", "distinct_1", "distinct_2", "distinct_3", "ead",
-                   "unigram_gini", "ttr", "mattr", "self_bleu", "compression_ratio", "within_prompt_distance", "reward"]
+                   "unigram_gini", "ttr", "mattr", "self_bleu", "compression_ratio", "within_prompt_distance",
+                   "judge_reward", "reward"]
 VS_REFERENCE_WORDS = {ps.SUPPORTED: "better", ps.CONTRADICTED: "worse", ps.INCONCLUSIVE: "no clear difference"}
-POSITIVE_CONTROL = "Positive control"  # a section of its own, right after the verdict, in runs with a planted tic
-# Kish ESS / train prompts above this: the density weights hardly differ from uniform sampling
-NEARLY_UNIFORM_ESS_FRACTION = 0.95
+POSITIVE_CONTROL = "Positive control"  # a section of its own, right after the collapse alarm, in runs with a planted tic
 
 
 def section_titles(context: dict) -> list[str]:
-    """The report's sections: SECTIONS, plus the positive control after the verdict when a tic was planted."""
+    """The report's sections: SECTIONS, plus the positive control after the first when a tic was planted."""
     if not context.get("positive_control"):
         return list(SECTIONS)
     return SECTIONS[:1] + [POSITIVE_CONTROL] + SECTIONS[1:]
-
-
-# -----------------------------------------------------------------------------
-# Formatting
-
-def fmt(value, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return f"{value:.{digits}g}"
-
-
-def fmt_signed(value, digits: int = 4) -> str:
-    text = fmt(value, digits)
-    return text if text == "n/a" or text.startswith("-") else "+" + text
-
-
-def fmt_p(p) -> str:
-    if p is None or not math.isfinite(p):
-        return "n/a"
-    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
-
-
-def fmt_ci(ci) -> str:
-    return f"[{fmt_signed(ci[0])}, {fmt_signed(ci[1])}]"
-
-
-def better_word(direction) -> str:
-    return {"lower": "lower", "higher": "higher"}.get(direction, "(descriptive)")
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def cell_text(text: str, limit: int) -> str:
-    """A response as one markdown table cell: cut to `limit` characters, line breaks as <br>."""
-    cut = text if len(text) <= limit else text[:limit] + " [...]"
-    cut = "".join(ch if ch.isprintable() or ch == "\n" else "\ufffd" for ch in cut)  # no control characters in markdown
-    cut = cut.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return cut.replace("\n", "<br>") if cut.strip() else "(empty)"
-
-
-def jsonable(obj):
-    """Plain JSON data: numpy to Python, tuples to lists, NaN and infinities to null."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 # -----------------------------------------------------------------------------
@@ -105,11 +55,12 @@ def _pyplot():
     return plt
 
 
-def make_plots(results: dict, curves: dict, out_dir: Path, stem: str) -> dict[str, str]:
+def make_plots(results: dict, context: dict, out_dir: Path, stem: str) -> dict[str, str]:
     """Write the PNGs beside the report; returns {plot name: file name}."""
     plt = _pyplot()
     labels = results["labels"]
-    files = {}
+    curves = context["training_curves"]
+    files = arms_report.make_frontier_plots(context, out_dir, stem, plt)
 
     names = [n for n in BOXPLOT_METRICS if n in results["per_prompt"][labels[0]]]
     columns = 4
@@ -183,54 +134,58 @@ def make_plots(results: dict, curves: dict, out_dir: Path, stem: str) -> dict[st
 # -----------------------------------------------------------------------------
 # Markdown
 
-def _verdict_section(results: dict, context: dict) -> list[str]:
+def _detail_verdict_lines(results: dict) -> list[str]:
+    """The seed-0 detail's own reading: the core metrics (*), each at equal length, Holm-corrected together."""
     summary = results["hypothesis"]
     counts = summary["counts"]
     n = len(summary["primary"])
     names = ", ".join(METRIC_BY_NAME[m].label for m in summary["primary"])
     words = {label: model_means(results, label)["mean_words"] for label in HYPOTHESIS}
-    lines = [f"**Overall: {summary['overall']}.** Hypothesis: density-aware prompt sampling in GRPO reduces mode collapse "
-             f"compared with uniform sampling (density arm minus baseline arm, paired over {results['num_prompts']} held-out prompts).",
-             "",
-             "**Primary verdicts are length-controlled**: each rests on the density - baseline difference expected at equal "
-             "response length (see Length-controlled differences), not on the raw difference, because most diversity "
-             "figures move with response length alone and GRPO changes it (here density writes "
-             f"{fmt(words['density'], 3)} words per response, baseline {fmt(words['baseline'], 3)}). Raw differences are "
-             "still shown in the summary table; they decide no verdict.",
-             "",
-             f"Of {n} primary metrics ({names}), at equal length and after Holm correction for {n} comparisons: "
-             f"{counts[ps.SUPPORTED]} supported, {counts[ps.CONTRADICTED]} contradicted, {counts[ps.INCONCLUSIVE]} inconclusive.",
-             *[f"- {word}: " + ", ".join(METRIC_BY_NAME[m].label for m in summary["primary"]
-                                         if summary["holm"][m]["verdict_holm"] == word)
-               for word in (ps.SUPPORTED, ps.CONTRADICTED) if counts[word]]]
-    density = (context.get("density_stats") or {}).get("data")
-    if density is not None and density["kish_ess_fraction"] > NEARLY_UNIFORM_ESS_FRACTION:
-        lines += ["", f"**The density weights were nearly uniform: Kish effective sample size {fmt(density['kish_ess'], 4)} "
-                      f"of {density['n_train']} train prompts ({density['kish_ess_fraction']:.1%} of n). The two arms sampled "
-                      "almost the same prompts, so they barely differ, and a null result says little about density "
-                      "sampling.**"]
-    return lines + ["", f"Quality: {summary['quality']}.", *([""] + [f"**{note}**" for note in context.get("notes", [])])]
+    return [f"The final models of seed index 0 only ({results['num_prompts']} final prompts, paired): one run per arm, "
+            "so these rows cannot separate the sampler from seed noise; the verdict on the sampler is the one above. "
+            "They are kept for their detail: every metric, length control two ways, each model against SFT.", "",
+            f"**Overall: {summary['overall']}.** Hypothesis: density-aware prompt sampling in GRPO reduces mode collapse "
+            f"compared with uniform sampling (density arm minus baseline arm, paired over {results['num_prompts']} "
+            "held-out prompts).", "",
+            "**Primary verdicts are length-controlled**: each rests on the density - baseline difference expected at equal "
+            "response length (see Length-controlled differences), not on the raw difference, because most diversity "
+            "figures move with response length alone and GRPO changes it (here density writes "
+            f"{fmt(words['density'], 3)} words per response, baseline {fmt(words['baseline'], 3)}). Raw differences are "
+            "still shown in the table below; they decide no verdict. Here 'primary' means the core family (*) of this "
+            f"detail; the report's one pre-registered primary metric is {METRIC_BY_NAME[PRIMARY_METRIC].label}, above.", "",
+            f"Of {n} core metrics ({names}), at equal length and after Holm correction for {n} comparisons: "
+            f"{counts[ps.SUPPORTED]} supported, {counts[ps.CONTRADICTED]} contradicted, {counts[ps.INCONCLUSIVE]} inconclusive.",
+            *[f"- {word}: " + ", ".join(METRIC_BY_NAME[m].label for m in summary["primary"]
+                                        if summary["holm"][m]["verdict_holm"] == word)
+              for word in (ps.SUPPORTED, ps.CONTRADICTED) if counts[word]],
+            "", f"Quality: {summary['quality']}.", ""]
 
 
 def _setup_section(results: dict, context: dict) -> list[str]:
-    rows = [[label, info["source"], info["checkpoint"], str(info.get("step", "n/a")), info.get("git_commit", "n/a")]
-            for label, info in context["models"].items()]
+    primary = METRIC_BY_NAME[PRIMARY_METRIC]
+    rows = [[label, info["checkpoint"], str(info.get("step", "n/a")), info.get("git_commit", "n/a")]
+            for label, info in context["evaluated"].items()]
     sampling = context["sampling"]
-    lines = [table(["model", "asked for", "checkpoint", "step", "git commit at save"], rows), "",
-             f"- prompts: {results['num_prompts']} held-out test prompts (split == \"test\" in {context['prompts']['file']}; "
-             f"never used by the RM or GRPO), {context['prompts']['num_candidates']} candidates, "
+    lines = [f"- pre-registered primary metric: **{primary.label}** (`{PRIMARY_METRIC}`, {primary.definition}), "
+             "density minus uniform at matched KL, seeds then prompts", "",
+             "GRPO runs:", "", arms_report.runs_table(context), "",
+             "Every model sampled (SFT, each run's final checkpoint, the trajectory checkpoints around the matched KL):", "",
+             table(["model", "checkpoint", "step", "git commit at save"], rows), "",
+             f"- prompts: {results['num_prompts']} held-out prompts of the final half of the test split "
+             f"({context['prompts']['file']}, split == \"test\", final by a hash of the id; never used by the RMs or GRPO, "
+             f"and disjoint from the dev half GRPO's trajectories use), {context['prompts']['num_candidates']} candidates, "
              f"{context['prompts']['num_too_long']} left out as longer than {context['prompts']['max_prompt_tokens']} tokens",
              f"- selection: {context['prompts']['method']}",
              f"- sampling: {results['num_samples']} samples per prompt, temperature {sampling['temperature']}, "
              f"top_k {sampling['top_k']}, top_p {sampling['top_p']}, max {sampling['max_tokens']} new tokens, seed {sampling['seed']}; "
              "the same prompts, seeds and settings for every model (" + sampling["seed_rule"] + ")",
-             f"- embeddings: {context['embedding_model']}; reward model: {context['reward_model']}",
+             f"- embeddings: {context['embedding_model']}; judge: {context['judge']}; policy RM: {context['reward_model']}",
              f"- run: {context['world_size']} process(es) on {context['device']}, evaluation commit {context['git_commit']}, "
              f"{context['seconds']:.0f} s", ""]
     strata = context["prompts"]["strata"]
     if strata:
         quintiles = sorted({q for counts in strata.values() for q in counts})
-        lines += ["Prompts per source and density quintile (Q1 = least dense, Q5 = most dense among the test prompts):", "",
+        lines += ["Prompts per source and density quintile (Q1 = least dense, Q5 = most dense among the final prompts):", "",
                   table(["source", *[f"Q{q}" if q else "no density" for q in quintiles], "total"],
                         [[src, *[str(counts.get(q, 0)) for q in quintiles], str(sum(counts.values()))]
                          for src, counts in sorted(strata.items())])]
@@ -280,13 +235,14 @@ def _summary_section(results: dict) -> list[str]:
                     fmt_signed(comparison["rows"][m.name]["diff"]), fmt_ci(comparison["rows"][m.name]["ci"]),
                     fmt_p(comparison["rows"][m.name]["p"])]
                    for m in METRICS if m.direction is None and m.name in comparison["rows"]]
-    return ["Each row: the better direction, each model's value (mean over prompts, or the corpus figure), the raw paired "
+    return [*_detail_verdict_lines(results),
+            "Each row: the better direction, each model's value (mean over prompts, or the corpus figure), the raw paired "
             "difference density - baseline with its bootstrap CI and sign-flip permutation p-value (prompt-level "
             "resampling for corpus figures), the difference at equal length with its CI and p (see Length-controlled "
-            "differences), the Holm-adjusted p over the primary metrics (*), Cohen's d_z of the raw differences, the "
+            "differences), the Holm-adjusted p over the core metrics (*), Cohen's d_z of the raw differences, the "
             "prompts used (a prompt where the metric is undefined for either model is left out) and the verdict. "
             "**Verdicts rest on the difference at equal length wherever one is computed** (column 'verdict on'), on the raw "
-            "difference only for figures without a length control; for the primary metrics (*) the verdict is the "
+            "difference only for figures without a length control; for the core metrics (*) the verdict is the "
             "Holm-corrected one the overall verdict counts. supported = better direction, CI excludes 0 and p < alpha; "
             "contradicted = worse direction, CI excludes 0 and p < alpha; otherwise inconclusive. A negative difference "
             "is an improvement exactly where lower is better.", "",
@@ -317,7 +273,7 @@ def _length_section(results: dict) -> list[str]:
             "on cut text): the per-prompt difference is regressed on the difference of log(1 + mean words per "
             "response); the intercept is the difference expected at equal length (slope: the part length explains). "
             "Bootstrap CI and p over prompts. It assumes a line in log length, so it is the rougher of the two.", "",
-            "The primary metrics' (*) Holm-corrected verdicts are the ones the overall verdict counts.", "",
+            "The core metrics' (*) Holm-corrected verdicts are the ones this detail's overall word counts.", "",
             table(["metric", "better", "length control", "diff at equal length", "95% CI", "p", "slope per log-length",
                    "prompts", "verdict (uncorrected)", "Holm p", "verdict (Holm-corrected)"], rows)]
 
@@ -338,19 +294,25 @@ def _vs_reference_section(results: dict) -> list[str]:
 
 
 def _quality_section(results: dict, context: dict) -> list[str]:
-    if not results["has_rewards"]:
-        return [f"**{context['reward_model']}.** Read the diversity figures with that in mind: "
+    present = [name for name, has in (("judge_reward", results.get("has_judge")), ("reward", results["has_rewards"])) if has]
+    if not present:
+        return ["**No judge and no policy RM: quality not measured.** Read the diversity figures with that in mind: "
                 "a model can look diverse by writing worse text."]
-    lines = ["Mean reward-model score per model (mean over prompts of the mean over samples):", ""]
-    rows = [[label, fmt(model_means(results, label)["reward"])] for label in results["labels"]]
-    lines += [table(["model", "RM reward"], rows), ""]
-    for comparison in results["comparisons"].values():
-        r = comparison["rows"]["reward"]
-        lines.append(f"- {comparison['a']} - {comparison['b']}: {fmt_signed(r['diff'])} {fmt_ci(r['ci'])}, p {fmt_p(r['p'])}")
-    adjusted = results["comparisons"]["density_vs_baseline"]["length_controlled"].get("reward")
-    if adjusted:
-        lines.append(f"- density - baseline at equal length: {fmt_signed(adjusted['diff'])} {fmt_ci(adjusted['ci'])}, "
-                     f"p {fmt_p(adjusted['p'])} (reward models tend to favour longer answers)")
+    rows = [[label, *[fmt(model_means(results, label)[name]) for name in present]] for label in results["labels"]]
+    lines = ["Mean score per model (mean over prompts of the mean over samples): the independent judge's, and the policy "
+             "RM's (the reward GRPO maximised, which flatters GRPO):", "",
+             table(["model", *[METRIC_BY_NAME[name].label for name in present]], rows)]
+    for name in present:
+        lines += ["", f"**{METRIC_BY_NAME[name].label}**:"]
+        for comparison in results["comparisons"].values():
+            r = comparison["rows"][name]
+            lines.append(f"- {comparison['a']} - {comparison['b']}: {fmt_signed(r['diff'])} {fmt_ci(r['ci'])}, p {fmt_p(r['p'])}")
+        adjusted = results["comparisons"]["density_vs_baseline"]["length_controlled"].get(name)
+        if adjusted:
+            lines.append(f"- density - baseline at equal length: {fmt_signed(adjusted['diff'])} {fmt_ci(adjusted['ci'])}, "
+                         f"p {fmt_p(adjusted['p'])} (reward models tend to favour longer answers)")
+    if "judge_reward" not in present:
+        lines += ["", "**No judge: quality is only the policy RM's, which GRPO optimised.**"]
     return lines
 
 
@@ -369,14 +331,19 @@ def _not_found(info: dict) -> list[str]:
 
 
 def _rm_eval_section(context: dict) -> list[str]:
-    """scripts.train_rm's eval.json: accuracy on the held-out pairs, overall, per source, per density quintile."""
-    info, data = context["rm_eval"], context["rm_eval"]["data"]
-    if data is None:
-        return _not_found(info)
-    return [
-        f"From {info['path']} (step {data.get('step', 'n/a')}, pair weighting {data.get('pair_weighting', 'n/a')}): "
-        f"{fmt(data.get('n_pairs'))} held-out pairs, accuracy {fmt(data.get('accuracy'))}, "
-        f"loss {fmt(data.get('loss'))}, margin {fmt(data.get('margin'))}.", "", rm_eval_table(data)]
+    """scripts.train_rm's eval.json of the judge and of the policy RM: held-out accuracy overall, per source, per quintile."""
+    lines = ["Both reward models on every test pair (prompts neither was trained on); each learned from its own half of "
+             "the train pairs, split by prompt.", ""]
+    for role, title in (("judge", "Judge"), ("policy", "Policy RM (GRPO's reward)")):
+        info, data = context["rm_eval"][role], context["rm_eval"][role]["data"]
+        if data is None:
+            lines += [f"**{title}**: {_not_found(info)[0]}", ""]
+            continue
+        lines += [f"**{title}**, from {info['path']} (step {data.get('step', 'n/a')}, {fmt(data.get('train_pairs'))} train "
+                  f"pairs, pair weighting {data.get('pair_weighting', 'n/a')}): {fmt(data.get('n_pairs'))} held-out pairs, "
+                  f"accuracy {fmt(data.get('accuracy'))}, loss {fmt(data.get('loss'))}, margin {fmt(data.get('margin'))}.",
+                  "", rm_eval_table(data), ""]
+    return lines
 
 
 def _density_section(context: dict) -> list[str]:
@@ -420,7 +387,28 @@ def _definitions_section(context: dict) -> list[str]:
 
 def _methods_section(results: dict) -> list[str]:
     s = results["settings"]
-    return [f"- Pairing: the unit is the prompt; every model answered the same {results['num_prompts']} prompts with the same "
+    return ["Seeds per arm (the sections before the detail):",
+            "- Each arm's S runs give per-prompt values (S, P) on the same prompts. The density - uniform difference of "
+            "means gets a hierarchical bootstrap: seeds resampled within each arm, then one set of prompts shared by both "
+            "arms; seed deviations scaled by sqrt(S / (S - 1)); CI and p from the bootstrap standard error with Student "
+            "t quantiles on S_a + S_b - 2 degrees of freedom (nanochat/kat/stats.hierarchical_bootstrap). With one run in "
+            "an arm there is no seed-level test: the paired test over prompts is shown, with no verdict on the sampler.",
+            "- Matched KL: the target is --kl_budget, or the largest KL every run reached along its trajectory (dev "
+            "prompts). Each run is taken where its KL first reaches the target: the trajectory checkpoints before and "
+            "after are evaluated on the final prompts and each prompt's figure is interpolated linearly in KL "
+            "(stats.interpolate_at).",
+            "- Common length: every GRPO model of a comparison (all runs' points at matched KL, or all final models) has "
+            "sample s of prompt p cut to the word count of the shortest of them (the BPE id count, for EAD) and its text "
+            "figures recomputed; embedding distances and rewards are compared raw. The across-prompt distance is split "
+            "into per-prompt values (a prompt's mean distance to the other prompts' samples), whose mean is the corpus "
+            "figure.",
+            "- The primary metric decides the verdict alone; the secondary metrics are Holm-corrected together; quality "
+            "and the density-quintile breakdown are not corrected. Noise floor: each pair of uniform runs, paired over "
+            "prompts (bootstrap CI, sign-flip p), as a one-seed design would test two arms.",
+            "- Collapse alarm: a run's across-prompt embedding distance (raw) below 80% of SFT's, at matched KL or at "
+            "the end.", "",
+            "Seed-0 detail (the sections after the divider):",
+            f"- Pairing: the unit is the prompt; every model answered the same {results['num_prompts']} prompts with the same "
             "seeds, so prompt difficulty cancels in each per-prompt difference. Prompts where a metric is undefined for "
             "either model (e.g. no text) are left out of that row and the row's prompt count says so.",
             f"- CI: percentile bootstrap over prompts, {s['n_resamples']} resamples ({s['corpus_resamples']} for corpus figures), "
@@ -622,8 +610,15 @@ def _control_implications(results: dict, control: dict, outcome: dict) -> list[s
 def render_markdown(results: dict, context: dict, plots: dict) -> str:
     labels = results["labels"]
     body = {
-        "Verdict": _verdict_section(results, context),
+        "Collapse alarm": arms_report.collapse_section(context),
+        "Verdict": arms_report.verdict_section(context),
         "Setup": _setup_section(results, context),
+        "Matched KL: primary contrast and noise floor": arms_report.matched_primary_section(context),
+        "Matched KL: secondary metrics and quality": arms_report.matched_secondary_section(context),
+        "Endpoints": arms_report.endpoint_section(context),
+        "Effects by prompt density quintile": arms_report.quintile_section(context),
+        "Frontiers and over-optimisation": arms_report.frontier_section(context, plots),
+        "What the samplers drew": arms_report.draws_section(context),
         "Summary: density vs baseline": _summary_section(results),
         "Length-controlled differences": _length_section(results),
         "Each model vs SFT": _vs_reference_section(results),
@@ -639,8 +634,12 @@ def render_markdown(results: dict, context: dict, plots: dict) -> str:
     }
     if context.get("positive_control"):
         body[POSITIVE_CONTROL] = _positive_control_section(results, context)
-    lines = ["# Diversity evaluation: density-aware vs uniform prompt sampling in GRPO", ""]
+    models = context["models"]
+    lines = ["# Diversity evaluation: density-aware vs uniform prompt sampling in GRPO", "", *arms_report.preregistration(), ""]
     for title in section_titles(context):
+        if title == DETAIL_SECTIONS[0]:
+            lines += [f"# Detail: the final models of seed index 0 ({models['density']['source']} as density, "
+                      f"{models['baseline']['source']} as baseline)", ""]
         lines += [f"## {title}", "", *body[title], ""]
     return "\n".join(lines)
 
@@ -650,7 +649,7 @@ def write_report(results: dict, context: dict, report_path: Path) -> dict[str, P
     report_path = Path(report_path)
     out_dir = report_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = make_plots(results, context["training_curves"], out_dir, report_path.stem)
+    plots = make_plots(results, context, out_dir, report_path.stem)
     markdown = render_markdown(results, context, plots)
     json_path = report_path.with_suffix(".json")
     payload = jsonable({"results": results, "context": context, "plots": plots,

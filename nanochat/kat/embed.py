@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import autocast_context
+from nanochat.common import autocast_context, progress_bar
 
 
 @torch.inference_mode()
@@ -32,7 +32,7 @@ def masked_mean_embeddings(model, sequences: list[list[int]], pooled: list[list[
     device = torch.device(device)
     autocast = autocast_context(device)
     out = np.empty((len(sequences), model.config.n_embd), dtype=np.float32)
-    for start in range(0, len(sequences), batch_size):
+    for start in progress_bar(range(0, len(sequences), batch_size), desc="embedding", unit=" batches"):
         batch = sequences[start:start + batch_size]
         width = max(len(seq) for seq in batch)
         idx = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from nanochat.common import get_base_dir, progress_bar
 from nanochat.kat.data import ID_MAP_FILE, PAIRS_FILE, PROMPTS_FILE, SPLITS, STATS_FILE, iter_jsonl, stats_section
 from nanochat.kat.html_text import html_to_text
 
@@ -272,15 +273,28 @@ def stream_with_retries(open_stream: Callable[[], Iterable], what: str, attempts
             sleep(backoff_s * 2 ** (attempt - 1))
 
 
+def prefetched_rows_path(source: str, split: str | None) -> Path:
+    """Where scripts.prefetch keeps its local copy of a split of the hub (HH-RLHF, UltraFeedback; not Stack Exchange)."""
+    return get_base_dir() / "pref_data" / LOCAL_FILES[source][split]
+
+
 def iter_hf_rows(source: str) -> RowStream:
-    """Stream a source from the HF hub (needs `pip install datasets`); never loads a dataset whole."""
-    from datasets import load_dataset
+    """
+    A source from the HF hub: each split from scripts.prefetch's local copy when there is one (so this
+    stage needs no network for it), else streamed (needs `datasets`); never loads a dataset whole.
+    """
     name, splits = HF_DATASETS[source]
     for split, hf_split in splits.items():
-        what = f"{name}[{hf_split}]"
-        rows = stream_with_retries(lambda s=hf_split: load_dataset(name, split=s, streaming=True), what)
-        for index, row in enumerate(rows):
-            yield split, f"{what} row {index}", row
+        local = prefetched_rows_path(source, split)
+        if local.is_file():
+            located = iter_jsonl_rows(local)
+        else:
+            from datasets import load_dataset
+            what = f"{name}[{hf_split}]"
+            rows = stream_with_retries(lambda s=hf_split: load_dataset(name, split=s, streaming=True), what)
+            located = ((f"{what} row {index}", row) for index, row in enumerate(rows))
+        for location, row in progress_bar(located, desc=f"{source} {split or 'rows'}", unit=" rows"):
+            yield split, location, row
 
 
 # -----------------------------------------------------------------------------
