@@ -3,8 +3,8 @@ Batched generation with a KV cache: one engine for chat, evals, RL rollouts and 
 
 How a request runs:
 1. The prompts are left-padded to a common length and prefilled together once.
-2. Decoding keeps each prompt's keys and values once, shared by its num_samples rows; each row
-   writes its generated tokens to its own suffix (nanochat/gpt.py SharedPrefixCache).
+2. Each prompt's cache rows are replicated num_samples times into one cache preallocated for
+   the whole batch (prompt length + max_tokens positions).
 3. Every row samples its own first token from the prompt's last logits, with its own random
    stream, so samples differ from the very first token.
 4. All rows then decode in lockstep, one forward per step. A row stops at <|assistant_end|> or
@@ -30,15 +30,7 @@ from contextlib import nullcontext
 import torch
 
 from nanochat.calculator import use_calculator
-from nanochat.gpt import KVCache, SharedPrefixCache
-
-
-WINDOW_CHUNK = 64  # suffix slots a decode step reads grow in steps of this (one CUDA graph each)
-
-
-def decode_window(step: int, max_tokens: int) -> int:
-    """Suffix slots to read when writing slot `step`: the next multiple of WINDOW_CHUNK above it."""
-    return min(max_tokens, (step // WINDOW_CHUNK + 1) * WINDOW_CHUNK)
+from nanochat.gpt import KVCache
 
 
 def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -93,18 +85,19 @@ class _RowState:
 class _DecodeStep:
     """
     One decoding step for every row: forward the rows' current tokens through the cache, then
-    sample each row's next token. Shapes depend only on the cache's window, so on CUDA each
-    window's step is run once for real, captured in a CUDA graph and replayed from then on: that
-    takes the ~600 kernel launches of an eager d20 step off the host's critical path.
+    sample each row's next token. The cache keeps its position on the device, so every step
+    has the same shapes; on CUDA the step is run once for real, captured in a CUDA graph, and
+    replayed from then on. That removes the ~600 kernel launches of an eager d20 step from the
+    host's critical path, which otherwise dominates small-batch decoding.
     """
 
     def __init__(self, model, cache, uniforms, sampling, first_step, capture):
+        cache.use_device_position()
         self.model, self.cache, self.uniforms, self.sampling = model, cache, uniforms, sampling
         self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=uniforms.device)
         self.uniform_column = torch.tensor(first_step, dtype=torch.long, device=uniforms.device)
         self.capture = capture
-        self.graphs = {}  # window -> CUDA graph
-        self.pool = None  # the graphs share one memory pool: only one runs at a time
+        self.graph = None
 
     def _run(self):
         logits = self.model(self.tokens.unsqueeze(1), kv_cache=self.cache)[:, -1]
@@ -112,30 +105,25 @@ class _DecodeStep:
         self.tokens.copy_(sample_tokens(logits, uniforms, **self.sampling))
         self.uniform_column.add_(1)
 
-    def __call__(self, tokens, window):
-        """tokens: (rows,) on the device, the tokens just emitted; window: suffix slots to read
-        (more than the number generated so far). Returns the next tokens (a reused buffer)."""
+    def __call__(self, tokens):
+        """tokens: (rows,) on the device, the tokens just emitted. Returns the next ones (a reused buffer)."""
         if tokens is not self.tokens:
             self.tokens.copy_(tokens)
-        self.cache.window = window
-        graph = self.graphs.get(window)
-        if graph is not None:
-            graph.replay()
+        if self.graph is not None:
+            self.graph.replay()
         elif not self.capture:
             self._run()
         else:
-            # the first step of a window runs for real on a side stream (the warm-up capture
-            # needs: cuBLAS handles, autocast's cached bf16 weights), then the same step is recorded
+            # the first step runs for real on a side stream (the warm-up capture needs: cuBLAS
+            # handles, autocast's cached bf16 weights), then the same step is recorded, not run
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._run()
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 self._run()
-            self.pool = graph.pool()
-            self.graphs[window] = graph
         return self.tokens
 
 
@@ -217,13 +205,14 @@ class Engine:
             for i in range(len(prompts)) for j in range(num_samples)
         ]).to(device=device, dtype=torch.float32).clamp_(min=1e-7)
 
-        # each prompt is prefilled once; its samples share its keys and values while decoding
-        prefill_cache = KVCache.for_model(model, len(prompts), prompt_len, self._cache_dtype(), pad=pads)
+        dtype = self._cache_dtype()
+        prefill_cache = KVCache.for_model(model, len(prompts), prompt_len, dtype, pad=pads)
         hidden = model.forward_hidden(padded, kv_cache=prefill_cache)
         last_logits = model.logits_from_hidden(hidden[:, -1])  # (prompts, V): only the last position is needed
         row_prompt = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
-        cache = SharedPrefixCache(prefill_cache, num_samples, max_tokens)
-        del hidden
+        cache = KVCache.for_model(model, num_rows, prompt_len + max_tokens, dtype)
+        cache.prefill_from(prefill_cache, row_prompt)
+        del prefill_cache, hidden
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         next_tokens = sample_tokens(last_logits[row_prompt], uniforms[:, 0], **sampling)
         decode_step = _DecodeStep(model, cache, uniforms, sampling, first_step=1, capture=capture)
@@ -247,7 +236,7 @@ class Engine:
                 return
             if any_forced:
                 next_tokens = torch.tensor(tokens, device=device)
-            next_tokens = decode_step(next_tokens, decode_window(step, max_tokens))
+            next_tokens = decode_step(next_tokens)
 
     def _row_state(self, prompt):
         """A fresh row; a prompt that ends inside an open <|python_start|> block continues that tool call."""

@@ -132,6 +132,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        self.pos_t = None  # the write position as a device tensor, once use_device_position() is called
         self.set_padding(pad)
 
     @classmethod
@@ -165,11 +166,25 @@ class KVCache:
 
     def reset(self):
         self.pos = 0
+        self.pos_t = None
         self.set_padding(None)
+
+    def use_device_position(self):
+        """
+        Decode with fixed shapes from here on, as CUDA graphs need: the write position lives in
+        the device tensor pos_t, each step writes one token there and attends over the whole
+        cache with everything past pos_t masked. The host-side `pos` stops being updated.
+        """
+        self.pos_t = torch.tensor(self.pos, dtype=torch.long, device=self.k.device)
 
     def write(self, layer_idx, k, v):
         """Store k, v (B, H_kv, T, D) at pos..pos+T of a layer; return all keys/values up to there."""
         T = k.size(2)
+        if self.pos_t is not None:
+            # no host-side bounds check here (the position is on the device); the caller sized the cache
+            self.k[layer_idx].index_copy_(2, self.pos_t.view(1), k)
+            self.v[layer_idx].index_copy_(2, self.pos_t.view(1), v)
+            return self.k[layer_idx], self.v[layer_idx]
         if self.pos + T > self.max_seq_len:
             raise ValueError(f"KV cache overflow: pos {self.pos} + {T} new tokens > max_seq_len {self.max_seq_len}")
         if k.dtype != self.dtype:
@@ -181,88 +196,38 @@ class KVCache:
         return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
 
     def advance(self, num_tokens):
-        self.pos += num_tokens
+        if self.pos_t is not None:
+            self.pos_t.add_(num_tokens)
+        else:
+            self.pos += num_tokens
 
-def _bmm_fp32(a, b):
-    """a @ b per batch with fp32 results: bf16 operands keep fp32 scores and sums (as fused attention does)."""
-    if a.dtype == torch.float32:
-        return torch.bmm(a, b)
-    return torch.bmm(a, b, out_dtype=torch.float32)
+    def prefill_from(self, other, row_indices=None):
+        """Copy other's first other.pos positions into this cache; row r of self gets row row_indices[r] of other."""
+        if row_indices is None:
+            row_indices = list(range(other.batch_size))
+        if len(row_indices) != self.batch_size:
+            raise ValueError(f"{len(row_indices)} row indices for a cache of {self.batch_size} rows")
+        if other.pos_t is not None:
+            raise ValueError("cannot copy from a cache whose position lives on the device (after use_device_position)")
+        if other.pos > self.max_seq_len:
+            raise ValueError(f"source cache holds {other.pos} positions, more than this cache's {self.max_seq_len}")
+        layers_heads_dim = lambda cache: (cache.k.size(0), cache.k.size(2), cache.k.size(4))
+        if layers_heads_dim(other) != layers_heads_dim(self):
+            raise ValueError(f"cache shapes differ beyond batch and length: {tuple(other.k.shape)} vs {tuple(self.k.shape)}")
+        rows = torch.as_tensor(row_indices, dtype=torch.long, device=other.k.device)
+        n = other.pos
+        self.k[:, :, :, :n] = other.k[:, :, :, :n].index_select(1, rows).to(self.dtype)
+        self.v[:, :, :, :n] = other.v[:, :, :, :n].index_select(1, rows).to(self.dtype)
+        self.pos = n
+        self.set_padding(other.pad.index_select(0, rows))
 
-
-class SharedPrefixCache:
-    """
-    The decoding cache for P prompts x G samples (rows prompt-major: row p*G + g). Each prompt's
-    keys and values stay once, in the prefill's KVCache, and its G rows share them; each row's
-    generated tokens go to its own suffix of max_tokens slots. A decode step reads each prefix
-    once per prompt instead of once per row, then one softmax runs over prefix and suffix: the
-    same attention as over a replicated cache.
-
-    Shapes are fixed (the write position `step` lives on the device), so a step can be captured
-    in a CUDA graph. `window` (set on the host before a step) is how many suffix slots it reads:
-    the engine grows it in chunks, so early steps do not read the empty end of the suffix.
-    """
-
-    def __init__(self, prefix: "KVCache", group: int, max_tokens: int):
-        if prefix.pos == 0:
-            raise ValueError("the prefix cache must hold a prefilled prompt")
-        num_layers, num_prompts, kv_heads, _, head_dim = prefix.k.shape
-        self.prefix_k, self.prefix_v = prefix.k[:, :, :, :prefix.pos], prefix.v[:, :, :, :prefix.pos]
-        self.num_prompts, self.group, self.max_tokens = num_prompts, group, max_tokens
-        shape = (num_layers, num_prompts * group, kv_heads, max_tokens, head_dim)
-        self.k = torch.zeros(shape, device=prefix.k.device, dtype=prefix.dtype)
-        self.v = torch.zeros(shape, device=prefix.k.device, dtype=prefix.dtype)
-        self.step = torch.zeros((), dtype=torch.long, device=prefix.k.device)  # suffix slot written next
-        self.window = max_tokens
-        key_index = torch.arange(prefix.pos, device=prefix.k.device)
-        # additive score bias: -inf on a prompt's left padding, broadcast over heads and queries
-        bias = torch.zeros(num_prompts, prefix.pos, device=prefix.k.device)
-        bias.masked_fill_(key_index[None, :] < prefix.pad[:, None], float("-inf"))
-        self.prefix_bias = bias.repeat_interleave(kv_heads, dim=0)[:, None, :]  # (P * H_kv, 1, Tp)
-        # rotary position of each row's first generated token: its prompt's real length
-        self.row_start = (prefix.pos - prefix.pad).repeat_interleave(group)  # (B,)
-
-    @property
-    def batch_size(self):
-        return self.k.size(1)
-
-    def positions(self):
-        """Rotary position of the token each row decodes now, (B,)."""
-        return self.row_start + self.step
-
-    def attend(self, layer_idx, q, k, v):
-        """Write this step's k, v (B, H_kv, 1, D) and return attention of q (B, H, 1, D) over prefix + suffix."""
-        B, H, _, D = q.shape
-        kv_heads, P, G, W = k.size(1), self.num_prompts, self.group, self.window
-        rep = H // kv_heads  # query heads per key/value head (grouped-query attention)
-        self.k[layer_idx].index_copy_(2, self.step.view(1), k)
-        self.v[layer_idx].index_copy_(2, self.step.view(1), v)
-        scale = D ** -0.5
-        # prefix: the G*rep queries of a prompt's kv head against that prompt's keys, read once
-        q_by_prompt = q.view(P, G, kv_heads, rep, D).transpose(1, 2).reshape(P * kv_heads, G * rep, D)
-        prefix_k = self.prefix_k[layer_idx].flatten(0, 1)  # (P * H_kv, Tp, D)
-        prefix_v = self.prefix_v[layer_idx].flatten(0, 1)
-        s_prefix = _bmm_fp32(q_by_prompt, prefix_k.transpose(1, 2)) * scale + self.prefix_bias
-        # suffix: each row's queries against its own generated keys, future slots masked
-        q_by_row = q.view(B * kv_heads, rep, D)
-        suffix_k = self.k[layer_idx, :, :, :W].flatten(0, 1)  # (B * H_kv, W, D), a view
-        suffix_v = self.v[layer_idx, :, :, :W].flatten(0, 1)
-        future = torch.arange(W, device=q.device) > self.step
-        s_suffix = (_bmm_fp32(q_by_row, suffix_k.transpose(1, 2)) * scale).masked_fill(future, float("-inf"))
-        # one softmax over both parts: shared max, summed denominators (the row's own token is always visible)
-        s_suffix = s_suffix.view(P, G, kv_heads, rep, W).transpose(1, 2).reshape(P * kv_heads, G * rep, W)
-        top = torch.maximum(s_prefix.amax(dim=-1, keepdim=True), s_suffix.amax(dim=-1, keepdim=True))
-        e_prefix, e_suffix = torch.exp(s_prefix - top), torch.exp(s_suffix - top)
-        denominator = e_prefix.sum(dim=-1, keepdim=True) + e_suffix.sum(dim=-1, keepdim=True)
-        y = _bmm_fp32(e_prefix.to(v.dtype), prefix_v)  # (P * H_kv, G * rep, D)
-        e_suffix = e_suffix.view(P, kv_heads, G, rep, W).transpose(1, 2).reshape(B * kv_heads, rep, W)
-        y_suffix = _bmm_fp32(e_suffix.to(v.dtype), suffix_v)  # (B * H_kv, rep, D)
-        y = y.view(P, kv_heads, G, rep, D).transpose(1, 2) + y_suffix.view(P, G, kv_heads, rep, D)
-        denominator = denominator.view(P, kv_heads, G, rep, 1).transpose(1, 2)
-        return (y / denominator).reshape(B, H, 1, D).to(v.dtype)
-
-    def advance(self, num_tokens):
-        self.step.add_(num_tokens)
+    def replicate(self, row_indices, max_seq_len=None):
+        """A new cache whose row r copies row row_indices[r] of this one (one prompt -> many samples)."""
+        _, _, heads, length, head_dim = self.k.shape
+        new = KVCache(len(row_indices), heads, max_seq_len or length, head_dim, self.k.size(0),
+                      self.k.device, self.dtype)
+        new.prefill_from(self, row_indices)
+        return new
 
 
 # -----------------------------------------------------------------------------
@@ -317,9 +282,6 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK norm keeps attention logits bounded
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if isinstance(kv_cache, SharedPrefixCache):
-            y = kv_cache.attend(self.layer_idx, q, k, v)
-            return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
         if kv_cache is not None:
             k, v = kv_cache.write(self.layer_idx, k, v)
         if attn_mask is None:
@@ -474,12 +436,8 @@ class GPT(nn.Module):
 
     def _rotary_and_mask(self, B, T, kv_cache, device):
         """Rotary (cos, sin) for the new tokens and the attention mask (None when SDPA's own causal flag suffices)."""
-        if isinstance(kv_cache, SharedPrefixCache):
-            if T != 1:
-                raise ValueError(f"a shared-prefix cache decodes one token per row, got {T}")
-            positions = kv_cache.positions()
-            return (self.cos[0, :, 0].index_select(0, positions).view(B, 1, 1, -1),
-                    self.sin[0, :, 0].index_select(0, positions).view(B, 1, 1, -1)), None
+        if kv_cache is not None and kv_cache.pos_t is not None:
+            return self._rotary_and_mask_at_device_position(B, T, kv_cache, device)
         pos = 0 if kv_cache is None else kv_cache.pos
         if pos + T > self.rotary_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds the rotary table of {self.rotary_seq_len} positions")
@@ -499,6 +457,17 @@ class GPT(nn.Module):
         itself = key_index[None, None, :] == query_index[None, :, None]
         mask = (causal & real) | itself  # (B, T, Tk)
         return (cos, sin), mask.unsqueeze(1)
+
+    def _rotary_and_mask_at_device_position(self, B, T, kv_cache, device):
+        """The fixed-shape decode step (see KVCache.use_device_position): one token per row."""
+        if T != 1:
+            raise ValueError(f"a cache with a device-side position decodes one token per row, got {T}")
+        positions = (kv_cache.pos_t - kv_cache.pad).clamp(min=0)  # (B,)
+        cos = self.cos[0, :, 0].index_select(0, positions).view(B, 1, 1, -1)
+        sin = self.sin[0, :, 0].index_select(0, positions).view(B, 1, 1, -1)
+        key_index = torch.arange(kv_cache.max_seq_len, device=device)
+        mask = (key_index[None, :] >= kv_cache.pad[:, None]) & (key_index[None, :] <= kv_cache.pos_t)  # (B, Tk)
+        return (cos, sin), mask[:, None, None, :]
 
     def forward_hidden(self, idx, kv_cache=None):
         """Final RMSNorm'd hidden states (B, T, n_embd): what embeddings and the reward model read."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, SharedPrefixCache, apply_rotary_emb, config_from_depth, norm
+from nanochat.gpt import GPT, GPTConfig, KVCache, apply_rotary_emb, config_from_depth, norm
 from nanochat.lm_loss import chunked_softcap_cross_entropy, plain_softcap_cross_entropy
 
 torch.set_num_threads(1)
@@ -146,26 +146,38 @@ def test_left_padded_rows_equal_each_row_alone():
     assert torch.isfinite(batch_prefill).all()  # padding slots too: an all-masked row would be NaN
 
 
-@pytest.mark.parametrize("window", [3, 8])  # a step reads only the first `window` suffix slots
-def test_shared_prefix_decoding_matches_each_row_alone(window):
-    """The fixed-shape decode step (the one CUDA graphs replay): 2 left-padded prompts x 3 samples,
-    each prompt's keys held once, every row continuing with its own tokens."""
-    model = scrambled_model(n_kv_head=2)  # grouped-query attention: 4 query heads per kv head
+def test_device_position_decoding_equals_full_forward():
+    """The fixed-shape decode step (the one CUDA graphs replay) on left-padded rows."""
+    model = scrambled_model(n_kv_head=2)
     prompts = [torch.randint(1, 101, (n,)) for n in (2, 6)]
-    continuation = torch.randint(1, 101, (6, 3))  # row p*3 + g continues prompt p
+    continuation = torch.randint(1, 101, (2, 5))
     with torch.no_grad():
         padded = torch.zeros(2, 6, dtype=torch.long)
         padded[0, 4:], padded[1] = prompts[0], prompts[1]
-        prefix = KVCache.for_model(model, 2, 6, torch.float32, pad=[4, 0])
-        model(padded, kv_cache=prefix)
-        cache = SharedPrefixCache(prefix, group=3, max_tokens=8)
-        cache.window = window
-        steps = torch.cat([model(continuation[:, t:t + 1], kv_cache=cache) for t in range(3)], dim=1)
-        assert cache.step.item() == 3
-        for row in range(6):
-            p = prompts[row // 3]
+        cache = KVCache.for_model(model, 2, 12, torch.float32, pad=[4, 0])
+        model(padded, kv_cache=cache)
+        cache.use_device_position()
+        steps = torch.cat([model(continuation[:, t:t + 1], kv_cache=cache) for t in range(5)], dim=1)
+        assert cache.pos_t.item() == 11
+        for row, p in enumerate(prompts):
             alone = model(torch.cat([p, continuation[row]])[None])[0, len(p):]
             torch.testing.assert_close(steps[row], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_replicated_cache_continues_like_the_original():
+    model = scrambled_model()
+    prompts = torch.randint(0, 101, (2, 6))
+    nxt = torch.randint(0, 101, (2, 1))
+    with torch.no_grad():
+        prefill = KVCache.for_model(model, 2, 6, torch.float32, pad=[0, 2])
+        model(prompts, kv_cache=prefill)
+        big = prefill.replicate([1, 1, 0], max_seq_len=10)
+        assert (big.pos, big.batch_size, big.max_seq_len, big.pad.tolist()) == (6, 3, 10, [2, 2, 0])
+        rows = model(nxt[[1, 1, 0]], kv_cache=big)
+        ref = KVCache.for_model(model, 2, 10, torch.float32, pad=[0, 2])
+        model(prompts, kv_cache=ref)
+        want = model(nxt, kv_cache=ref)
+    torch.testing.assert_close(rows, want[[1, 1, 0]], rtol=1e-6, atol=1e-6)
 
 
 def test_kv_cache_overflow_is_an_error():
