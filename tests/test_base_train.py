@@ -67,6 +67,7 @@ def _weights(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_base_train_then_base_loss_write_every_output(base_dir, tmp_path):
     outs = tmp_path / "outs"
     env = _env(base_dir, outs)
@@ -86,6 +87,7 @@ def test_base_train_then_base_loss_write_every_output(base_dir, tmp_path):
     assert "Base model loss" in (base_dir / "report" / "base_report.md").read_text()
 
 
+@pytest.mark.slow
 def test_base_train_fp8_trains_and_saves_plain_weights(base_dir, tmp_path):
     """--fp8 runs the blocks' matmuls in fp8 (CPU here too); the checkpoint loads into a plain model."""
     outs = tmp_path / "outs"
@@ -100,6 +102,7 @@ def test_base_train_fp8_trains_and_saves_plain_weights(base_dir, tmp_path):
     model.load_state_dict(_weights(outs / "base" / "ckpt.pt"))  # plain Linear layers, same keys
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(base_dir, tmp_path):
     steps = ["--num_iterations=12", "--save_every=2", "--keep_checkpoints=10"]
     whole = tmp_path / "whole"
@@ -127,6 +130,7 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(base_dir, 
         assert torch.equal(a[name], b[name]), f"{name} differs after kill and resume"
 
 
+@pytest.mark.slow
 def test_scaling_bench_runs_base_train_on_one_and_two_processes(base_dir, tmp_path, monkeypatch, capsys):
     """dev.bench_scaling drives base_train under torchrun (gloo here) at the same total batch, plus the
     one-process noise-floor run at another device batch, and reads back every figure of its table.
@@ -188,6 +192,7 @@ def _relative_gaps(run: dict, ref: dict, tag: str) -> dict:
     return {step: abs(run[tag][step] - ref[tag][step]) / abs(ref[tag][step]) for step in ref[tag]}
 
 
+@pytest.mark.slow
 def test_two_processes_with_identical_batches_train_like_one(layout_runs):
     """Same weights, same tokens per step, fp32: only the order of the cross-rank reductions differs.
     Step 1 sees identical weights, so its batch loss can differ only by the rounding of one mean (~1e-7).
@@ -204,6 +209,7 @@ def test_two_processes_with_identical_batches_train_like_one(layout_runs):
     assert bpb_gaps[0] <= 1e-6 and bpb_gaps[3] <= 1e-4, bpb_gaps
 
 
+@pytest.mark.slow
 def test_without_identical_batches_two_processes_see_other_documents(layout_runs):
     """The control: the ranks read disjoint row groups, so rank 1 trains and validates on documents the
     single process does not reach. At initialisation every loss sits near ln(512) whatever the text,
@@ -215,6 +221,7 @@ def test_without_identical_batches_two_processes_see_other_documents(layout_runs
     assert _relative_gaps(two, one, "val/bpb")[0] > 1e-3
 
 
+@pytest.mark.slow
 def test_identical_batches_refuse_eval_tokens_that_are_not_whole_global_micro_batches(base_dir, tmp_path):
     """640 tokens are 2.5 windows of 256; rounded per world size, one process would validate on 512 tokens
     and four (at least one window each) on 1024, not the same tokens. base_train stops before training."""
@@ -226,6 +233,7 @@ def test_identical_batches_refuse_eval_tokens_that_are_not_whole_global_micro_ba
     assert not (tmp_path / "outs" / "base" / "ckpt.pt").exists()
 
 
+@pytest.mark.slow
 def test_base_loss_on_four_processes_needs_identical_batches_and_then_matches_one(base_dir, tmp_path):
     """The bundled validation file has 2 row groups: 4 ranks cannot each own one (a clear error), but
     with --identical_batches they read the same windows one process reads (fp32: the same bpb)."""

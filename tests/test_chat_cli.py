@@ -37,6 +37,7 @@ def run_chat_cli(env, *flags):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_one_shot_prompt_prints_the_reply_and_exits(env):
     messages = [{"role": "user", "content": "hello there"}]
     want, n = engine_reply("grpo_density", messages, max_tokens=20)

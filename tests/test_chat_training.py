@@ -150,6 +150,7 @@ def _two_rank_worker(rank, world_size, port, mid_dir, sft_dir):
                    f"--out_dir={sft_dir}"])
 
 
+@pytest.mark.slow
 def test_both_stages_run_under_two_ranks(workspace, tmp_path):
     """torchrun-style: gloo ranks, sharded optimizers, per-rank checkpoint files, ranks stop together."""
     import socket

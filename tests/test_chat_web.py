@@ -73,6 +73,7 @@ def sse_events(response) -> list:
 # -----------------------------------------------------------------------------
 # Pages, health, models, stats
 
+@pytest.mark.slow
 def test_import_needs_neither_fastapi_nor_uvicorn():
     code = ("import sys, nanochat, scripts.chat_web, scripts.chat_cli; "
             "assert not {'fastapi', 'uvicorn', 'starlette'} & set(sys.modules), sorted(sys.modules)")
@@ -369,6 +370,7 @@ def listening_addresses(port: int) -> set[str]:
     (("--host=0.0.0.0",), {}, "0.0.0.0", True),
     (("--host=0.0.0.0",), {"NANOCHAT_API_KEY": KEY}, "0.0.0.0", False),
 ], ids=["default", "public without a key", "public with a key from the environment"])
+@pytest.mark.slow
 def test_binds_loopback_unless_told_and_warns_when_public_without_a_key(stages, tmp_path, flags, env, address, warns):
     log = tmp_path / "server.log"
     key = env.get("NANOCHAT_API_KEY")
@@ -444,6 +446,7 @@ def test_a_streamed_body_stops_being_read_at_the_limit(stages):
     assert len(pulled) == (1 << 20) // len(chunk) + 1  # 16 chunks fill the limit, the 17th passes it
 
 
+@pytest.mark.slow
 def test_a_body_limit_below_one_byte_is_refused_at_startup():
     run = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--max_body_bytes=0"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=120)

@@ -188,6 +188,7 @@ def run_killed_save(out_dir, mode):
     return subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(out_dir), mode], cwd=REPO_ROOT)
 
 
+@pytest.mark.slow
 def test_kill_inside_the_write_keeps_previous_checkpoint(tmp_path):
     proc = run_killed_save(tmp_path, "fsize")
     assert proc.wait(timeout=120) == -signal.SIGXFSZ
@@ -201,6 +202,7 @@ def test_kill_inside_the_write_keeps_previous_checkpoint(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     proc = run_killed_save(tmp_path, "kill")
     deadline = time.time() + 120
@@ -394,6 +396,7 @@ def _distributed_resume_worker(rank, world_size, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_resume_is_bitwise_equal_with_per_rank_files(tmp_path):
     out_dir = tmp_path / "outs"
     mp.spawn(_distributed_resume_worker, args=(2, str(tmp_path / "init"), str(out_dir)), nprocs=2, join=True)

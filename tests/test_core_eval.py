@@ -228,6 +228,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ranks_split_the_items_and_agree_on_the_total():
     # 7 items, gold "dog" on 5: rank 0 gets 4 items, rank 1 gets 3; both must report 5/7
     data = [{"query": f"Q{i}:", "choices": ["cat", "dog"], "gold": int(i not in (2, 5))} for i in range(7)]
@@ -295,6 +296,7 @@ def _bundle_worker(rank, world_size, port, base_dirs, urls, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_evaluates_what_rank_0_resolved_or_fails_with_it(server, tmp_path):
     good, bad = server.url + "/eval_bundle.zip", unreachable_url("eval_bundle.zip")
     base_dirs = [str(tmp_path / "rank0"), str(tmp_path / "rank1")]

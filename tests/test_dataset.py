@@ -86,6 +86,7 @@ def test_offline_says_so_and_points_to_the_bundled_sample(base_dir, monkeypatch)
     assert "tiny preset" in str(err.value) and str(dataset.SAMPLE_DIR) in str(err.value)
 
 
+@pytest.mark.slow
 def test_command_line_downloads_train_shards_and_the_validation_shard(base_dir, monkeypatch):
     names = [dataset.shard_filename(i) for i in (0, 1, dataset.MAX_SHARD)]
     bodies = {name: parquet_bytes([name]) for name in names}

@@ -254,6 +254,7 @@ def test_sampler_uniform_mode_ignores_weights():
     assert scipy_stats.chisquare(observed).pvalue > 0.001
 
 
+@pytest.mark.slow
 def test_sampler_is_a_function_of_seed_and_step_in_any_process():
     ids = [f"p{i}" for i in range(50)]
     weights = list(np.linspace(1, 2, 50))

@@ -9,6 +9,8 @@ import pytest
 from nanochat.execution import MAX_OUTPUT_BYTES, check_function, execute_code
 from nanochat.execution_sandbox import decode_value, encode_value
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def test_success_captures_stdout():
     result = execute_code("print('hello', 6 * 7)")

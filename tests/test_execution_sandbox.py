@@ -15,6 +15,8 @@ import pytest
 from nanochat import execution
 from nanochat.execution import MAX_PROCESSES, SANDBOX_SCRIPT, SandboxError, check_function, execute_code
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 _PLANS = {}
 
 

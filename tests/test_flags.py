@@ -142,6 +142,7 @@ def test_chat_cli_refuses_sampling_flags_before_loading_the_model(monkeypatch):
             chat_cli.main([flag])
 
 
+@pytest.mark.slow
 def test_tok_train_refuses_a_vocabulary_too_small_for_its_special_tokens():
     # the script runs at import, so it is run as a process; it must stop before reading any text
     result = subprocess.run([sys.executable, "-m", "scripts.tok_train", "--vocab_size=100"], cwd=REPO_ROOT,

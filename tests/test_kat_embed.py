@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -19,12 +18,10 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nanochat.checkpoint_manager import load_model, save_checkpoint
-from nanochat.common import stage_dir
+from nanochat.checkpoint_manager import load_model
 from nanochat.kat.data import PROMPTS_FILE, STATS_FILE, KatData
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
-from scripts import kat_density, kat_embed, kat_pairs
+from scripts import kat_density, kat_embed
+from tests.conftest import KAT_FIXTURES, kat_workspace
 
 torch.set_num_threads(1)
 SEQ_LEN = 64
@@ -33,28 +30,12 @@ SEQ_LEN = 64
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Prompts in <kat cache>/data, a tokenizer in $NANOCHAT_BASE_DIR, a random tiny model as outs/sft."""
-    root = tmp_path_factory.mktemp("kat_embed")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("NANOCHAT_BASE_DIR", str(root / "base_dir"))
-        env.setenv("NANOCHAT_OUTS_DIR", str(root / "outs"))
-        env.setenv("NANOCHAT_KAT_CACHE", str(root / "kat"))
-        data_dir = root / "kat" / "data"
-        kat_pairs.main(["--local_dir=tests/fixtures/kat", f"--out_dir={data_dir}"])
-        prompts = KatData(data_dir).prompts()
-        texts = [m["content"] for p in prompts for m in p["prefix"]["messages"]]
-        Tokenizer.train_from_iterator(iter(texts), 320).save(get_tokenizer_dir())
-        torch.manual_seed(0)
-        config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=320, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
-        model = GPT(config)
-        with torch.no_grad():  # init_weights makes every block the identity; give attention and MLP a say
-            for block in model.transformer.h:
-                block.attn.c_proj.weight.normal_(0.0, 0.1)
-                block.mlp.c_proj.weight.normal_(0.0, 0.1)
-        save_checkpoint(stage_dir("sft"), 0, model, [], meta={"model_config": asdict(config)}, final=True)
+    with kat_workspace(tmp_path_factory.mktemp("kat_embed"), KAT_FIXTURES, vocab_size=320, sequence_len=SEQ_LEN,
+                       prompts_only=True) as ws:
         model, tokenizer, _ = load_model("sft", "cpu")
-        sequences = [kat_embed.prompt_tokens(tokenizer, p["prefix"], SEQ_LEN)[0] for p in prompts]
-        yield {"root": root, "data_dir": data_dir, "prompts": prompts, "model": model, "tokenizer": tokenizer,
-               "sequences": sequences, "format_ids": kat_embed.chat_format_ids(tokenizer)}
+        sequences = [kat_embed.prompt_tokens(tokenizer, p["prefix"], SEQ_LEN)[0] for p in ws["prompts"]]
+        yield {"root": ws["root"], "data_dir": ws["data_dir"], "prompts": ws["prompts"], "model": model,
+               "tokenizer": tokenizer, "sequences": sequences, "format_ids": kat_embed.chat_format_ids(tokenizer)}
 
 
 def text_positions(tokenizer, seq: list[int]) -> list[int]:
@@ -239,6 +220,7 @@ def _ddp_worker(rank, world_size, port, flags):
     kat_embed.main(flags)
 
 
+@pytest.mark.slow
 def test_two_ranks_write_what_one_process_writes(workspace, embedded, tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()

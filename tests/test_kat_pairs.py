@@ -172,6 +172,7 @@ def test_prompt_id_is_blake2b_of_canonical_normalised_json():
     assert len(want) == 16
 
 
+@pytest.mark.slow
 def test_prompt_ids_are_the_same_in_another_process():
     messages = [[{"role": "user", "content": "Hello there"}],
                 [{"role": "user", "content": "ñ"}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]]

@@ -217,6 +217,7 @@ def two_rank_results(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow
 def test_distributed_optimizers_match_single_process(two_rank_results):
     expected, _ = train_toy(ddp=False, clip=None)
     for rank_result in two_rank_results:
@@ -228,11 +229,13 @@ def test_distributed_optimizers_match_single_process(two_rank_results):
     assert all((expected[k] - start[k]).abs().max() > 1e-3 for k in start)
 
 
+@pytest.mark.slow
 def test_ranks_end_bitwise_identical(two_rank_results):
     for name, p in two_rank_results[0]["plain"][0].items():
         assert torch.equal(p, two_rank_results[1]["plain"][0][name]), name
 
 
+@pytest.mark.slow
 def test_clipping_uses_synchronised_gradient_across_training(two_rank_results):
     expected, expected_norms = train_toy(ddp=False, clip=0.5)
     assert max(expected_norms) > 0.5  # clipping was active
@@ -243,6 +246,7 @@ def test_clipping_uses_synchronised_gradient_across_training(two_rank_results):
             torch.testing.assert_close(params[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_clipping_scale_comes_from_the_averaged_gradient(two_rank_results):
     expected, expected_norm = clip_disagreeing_ranks(ddp=False)
     assert 1.5 < expected_norm < 10  # the averaged gradient's norm, far below the local ~900
@@ -253,6 +257,7 @@ def test_clipping_scale_comes_from_the_averaged_gradient(two_rank_results):
             torch.testing.assert_close(params[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_reduce_scatter_fallback_matches_native(two_rank_results):
     full_mean = torch.arange(12.0).reshape(4, 3) * 1.5  # mean of x*1 and x*2
     for rank, rank_result in enumerate(two_rank_results):

@@ -25,9 +25,9 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.kat.reward_model import load_reward_model
 from nanochat.kat.style_injection import (STYLES, file_digest, inject_pairs, inject_style, pair_rng,
                                       policy_probes, probe_pairs, target_count, tic_preference)
-from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import eval_diversity, kat_density, kat_inject, kat_pairs, train_rm
 from tests.report_fixtures import report_context
+from tests.conftest import KAT_SAMPLES, kat_workspace
 
 torch.set_num_threads(1)
 DASH = EM_DASH
@@ -227,29 +227,12 @@ RM_FLAGS = ["--device_type=cpu", f"--max_seq_len={SEQ_LEN}", "--pairs_per_step=1
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Pairs and density weights in <kat cache>/data, a tokenizer, a random tiny backbone saved as outs/sft."""
-    root = tmp_path_factory.mktemp("inject")
-    with pytest.MonkeyPatch.context() as mp_:
-        mp_.setenv("NANOCHAT_BASE_DIR", str(root / "base_dir"))
-        mp_.setenv("NANOCHAT_OUTS_DIR", str(root / "outs"))
-        mp_.setenv("NANOCHAT_KAT_CACHE", str(root / "kat"))
-        data_dir = root / "kat" / "data"
-        kat_pairs.main(["--local_dir=nanochat/samples/kat", "--se_test_fraction=0.1", f"--out_dir={data_dir}"])
-        pairs = KatData(data_dir).pairs()
-        prompts = KatData(data_dir).prompts()
-        KatData(data_dir).save_embeddings([p["id"] for p in prompts], np.random.default_rng(0).normal(size=(len(prompts), 16)))
-        kat_density.main([f"--data_dir={data_dir}", "--k=5", "--device_type=cpu"])
-        texts = [m["content"] for p in pairs for m in p["prefix"]["messages"]]
-        texts += [p[k] for p in pairs for k in ("chosen", "rejected")]
-        Tokenizer.train_from_iterator(iter(texts), 512).save(get_tokenizer_dir())
-        torch.manual_seed(0)
-        config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
-        backbone = GPT(config)
-        with torch.no_grad():  # init_weights makes every block the identity; a trained SFT model is not
-            for block in backbone.transformer.h:
-                block.attn.c_proj.weight.normal_(0.0, 0.1)
-                block.mlp.c_proj.weight.normal_(0.0, 0.1)
-        save_checkpoint(stage_dir("sft"), 0, backbone, [], meta={"model_config": asdict(config)}, final=True)
-        yield {"root": root, "data_dir": data_dir, "clean_bytes": (data_dir / PAIRS_FILE).read_bytes()}
+    with kat_workspace(tmp_path_factory.mktemp("inject"), KAT_SAMPLES, vocab_size=512, sequence_len=SEQ_LEN) as ws:
+        data = ws["data"]
+        data.save_embeddings([p["id"] for p in ws["prompts"]],
+                             np.random.default_rng(0).normal(size=(len(ws["prompts"]), 16)))
+        kat_density.main([f"--data_dir={data.dir}", "--k=5", "--device_type=cpu"])
+        yield {"root": ws["root"], "data_dir": data.dir, "clean_bytes": (data.dir / PAIRS_FILE).read_bytes()}
 
 
 def test_stage_rewrites_pairs_and_records_everything(workspace):

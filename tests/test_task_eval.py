@@ -260,6 +260,7 @@ def _two_rank_worker(rank, world_size, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_split_the_problems_and_sum_the_counts(tmp_path, tokenizer, gpt):
     # fork, not spawn: the children inherit the imported modules instead of importing torch again
     mp.start_processes(_two_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,

@@ -216,6 +216,7 @@ def test_arc_rejects_an_answer_key_that_is_not_a_label(offline_base_dir):
 # -----------------------------------------------------------------------------
 # HumanEval
 
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
     task = HumanEval()
     assert task.eval_type == "generative"

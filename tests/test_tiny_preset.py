@@ -19,6 +19,8 @@ import torch
 
 from nanochat.common import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 STAGES = ["base", "mid", "sft", "rl", "rm", "grpo_density", "grpo_baseline"]
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
 

@@ -12,20 +12,19 @@ import re
 import shutil
 import socket
 from collections import Counter
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import load_checkpoint
 from nanochat.common import stage_dir
 from nanochat.kat.data import WEIGHTS_FILE, KatData
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.kat.reward_model import RewardModel, bradley_terry_losses, load_reward_model, pair_correct
-from nanochat.tokenizer import Tokenizer, get_tokenizer, get_tokenizer_dir
-from scripts import kat_density, kat_pairs, train_rm
+from nanochat.tokenizer import get_tokenizer
+from scripts import kat_density, train_rm
+from tests.conftest import KAT_SAMPLES, kat_workspace
 
 torch.set_num_threads(1)
 SEQ_LEN = 96
@@ -37,25 +36,8 @@ FLAGS = ["--device_type=cpu", f"--max_seq_len={SEQ_LEN}", "--pairs_per_step=8", 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Pairs in <kat cache>/data, a tokenizer in $NANOCHAT_BASE_DIR, a random tiny backbone as outs/sft."""
-    root = tmp_path_factory.mktemp("train_rm")
-    with pytest.MonkeyPatch.context() as mp_:
-        mp_.setenv("NANOCHAT_BASE_DIR", str(root / "base_dir"))
-        mp_.setenv("NANOCHAT_OUTS_DIR", str(root / "outs"))
-        mp_.setenv("NANOCHAT_KAT_CACHE", str(root / "kat"))
-        data_dir = root / "kat" / "data"
-        kat_pairs.main(["--local_dir=nanochat/samples/kat", "--se_test_fraction=0.1", f"--out_dir={data_dir}"])
-        pairs = KatData(data_dir).pairs()
-        texts = [m["content"] for p in pairs for m in p["prefix"]["messages"]] + [p[k] for p in pairs for k in ("chosen", "rejected")]
-        Tokenizer.train_from_iterator(iter(texts), 512).save(get_tokenizer_dir())
-        torch.manual_seed(0)
-        config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
-        backbone = GPT(config)
-        with torch.no_grad():  # init_weights makes every block the identity; a trained SFT model is not
-            for block in backbone.transformer.h:
-                block.attn.c_proj.weight.normal_(0.0, 0.1)
-                block.mlp.c_proj.weight.normal_(0.0, 0.1)
-        save_checkpoint(stage_dir("sft"), 0, backbone, [], meta={"model_config": asdict(config)}, final=True)
-        yield {"root": root, "data_dir": data_dir, "pairs": pairs}
+    with kat_workspace(tmp_path_factory.mktemp("train_rm"), KAT_SAMPLES, vocab_size=512, sequence_len=SEQ_LEN) as ws:
+        yield {"root": ws["root"], "data_dir": ws["data_dir"], "pairs": ws["pairs"]}
 
 
 def train_recording_pairs(flags) -> tuple[dict, list[str]]:
@@ -293,6 +275,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_same_model_as_one_process(workspace, uniform_run, tmp_path):
     _, out_dir, _ = uniform_run
     ddp_dir = tmp_path / "rm_ddp"

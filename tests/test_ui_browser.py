@@ -12,6 +12,8 @@ import torch
 from tests.cdp_pipe import HeadlessChromium
 from tests.chat_fixtures import engine_reply, make_chat_stages, running_chat_web
 
+pytestmark = pytest.mark.slow  # every test here starts processes and drives a browser
+
 torch.set_num_threads(1)
 MAX_TOKENS = 12  # the server's default reply length here; the UI leaves it unset
 
