@@ -1,40 +1,31 @@
 """
-scripts/grpo.py and the GRPO pieces of nanochat/rl.py, on CPU with tiny models.
-
-The "SFT model" is a real GPT whose weights make it a bigram table: after <|assistant_start|> it
-says "a" or "b", then more of them or <|assistant_end|>, each equally likely. The KAT data is
-built from the bundled samples (nanochat/samples/kat, which have dev prompts for the trajectory)
-by scripts.kat_pairs, with density weights from scripts.kat_density on random prompt embeddings. The reward model is a real tiny RewardModel saved as stage "rm"; the
+scripts/grpo.py and the GRPO maths of nanochat/kat/grpo.py, on CPU with tiny models
+(tests/grpo_fixtures.py). The reward model is a real tiny RewardModel saved as stage "rm"; the
 learning test instead scores with a plain function of the text (how many "a"s), so that there is
 something definite to learn.
 """
 
-import dataclasses
 import json
 import math
-import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import load_checkpoint, load_model, save_checkpoint
-from nanochat.kat.data import KatData
-from nanochat.kat.density import PromptSampler
+from nanochat.checkpoint_manager import load_checkpoint, load_model
 from nanochat.engine import Engine
 from nanochat.flags import parse_flags
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.kat.reward_model import KIND, RewardModel
+from nanochat.kat.data import KatData
+from nanochat.kat.density import PromptSampler
 from nanochat.kat.grpo import Objective, clipped_policy_loss, k3_kl, prepare_update
 from nanochat.kat.trajectory import DrawCounts
 from nanochat.rl import group_advantages
-from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
-from scripts import grpo, kat_density, kat_pairs
+from scripts import grpo
+from tests.grpo_fixtures import (END, FLAGS, LetterCount, bigram_model, build_kat_run, logged, make_tokenizer,
+                                 point_env_at)
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 
 
 # -----------------------------------------------------------------------------
@@ -120,56 +111,33 @@ def test_density_aware_alias_parses_and_conflicts_are_refused():
     assert resolve([]).prompt_sampling == "density"
     with pytest.raises(ValueError, match="contradicts"):
         resolve(["--prompt_sampling=uniform", "--density_aware=true"])
+    assert resolve(["--prompt_sampling=shuffled"]).density_aware is None
+    # --adv_std=true|false is --adv_norm=group|none; the default is none (Dr. GRPO)
+    assert (resolve([]).adv_norm, resolve(["--adv_std=true"]).adv_norm, resolve(["--adv_std=false"]).adv_norm) == \
+           ("none", "group", "none")
+    assert resolve(["--adv_norm=group"]).adv_std is True and resolve(["--adv_norm=batch"]).adv_std is None
+    assert resolve(["--adv_norm=group", "--adv_std=true"]).adv_norm == "group"
+    with pytest.raises(ValueError, match="contradicts"):
+        resolve(["--adv_norm=none", "--adv_std=true"])
+    # --eval_every / --eval_prompts are the trajectory flags' old names
+    cfg = resolve(["--eval_every=-1", "--eval_prompts=8"])
+    assert (cfg.traj_every, cfg.traj_prompts) == (-1, 8)
+    assert (resolve([]).traj_every, resolve([]).traj_prompts) == (grpo.DEFAULT_TRAJ_EVERY, grpo.DEFAULT_TRAJ_PROMPTS)
+    with pytest.raises(ValueError, match="contradicts"):
+        resolve(["--traj_every=10", "--eval_every=20"])
 
 
 # -----------------------------------------------------------------------------
 # End to end
 
-END = "<|assistant_end|>"
+@pytest.fixture(scope="module")
+def kat_run(tmp_path_factory):
+    return build_kat_run(tmp_path_factory.mktemp("grpo"))
 
 
-def make_tokenizer() -> Tokenizer:
-    return Tokenizer(SPLIT_PATTERN, {bytes([b]): b for b in range(256)})
-
-
-def bigram_model(tokenizer) -> GPT:
-    """After token u the logits are table[u] (unlisted tokens: 0). nanochat's init zeroes every
-    block's output projection, so one-hot embeddings reach lm_head unchanged."""
-    vocab = tokenizer.get_vocab_size()
-    width = 4 * ((vocab + 3) // 4)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=width))
-    a, b, end = ord("a"), ord("b"), tokenizer.encode_special(END)
-    table = {tokenizer.encode_special("<|assistant_start|>"): {a: 14.0, b: 14.0},
-             a: {a: 14.0, b: 14.0, end: 14.0}, b: {a: 14.0, b: 14.0, end: 14.0}}
-    with torch.no_grad():
-        model.transformer.wte.weight.zero_()
-        model.transformer.wte.weight[torch.arange(vocab), torch.arange(vocab)] = 1.0
-        model.lm_head.weight.zero_()
-        for u, row in table.items():
-            for v, logit in row.items():
-                model.lm_head.weight[v, u] = logit / math.sqrt(width)  # the final RMSNorm scales e_u by sqrt(width)
-    return model
-
-
-def tiny_reward_model(tokenizer) -> RewardModel:
-    torch.manual_seed(1)
-    backbone = GPT(GPTConfig(sequence_len=96, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2,
-                             n_kv_head=2, n_embd=32))
-    with torch.no_grad():
-        for block in backbone.transformer.h:
-            for proj in (block.attn.c_proj, block.mlp.c_proj):
-                proj.weight.normal_(0.0, 0.1)
-    return RewardModel(backbone, tokenizer, max_seq_len=96)
-
-
-class LetterCount:
-    """A reward with score()'s interface: how many times the response contains a letter."""
-
-    def __init__(self, letter: str):
-        self.letter = letter
-
-    def score(self, pairs, batch_size=16):
-        return [float(response.count(self.letter)) for _, response in pairs]
+@pytest.fixture
+def env(kat_run, monkeypatch):
+    return point_env_at(kat_run, monkeypatch)
 
 
 def test_rollouts_keep_the_stop_token_and_truncated_ones_are_scored_with_the_penalty():
@@ -199,51 +167,10 @@ def test_rollouts_keep_the_stop_token_and_truncated_ones_are_scored_with_the_pen
     assert plan.rewards.tolist() == [text.count("a") - (0.0 if done else 0.5) for text, done in zip(rollouts["texts"], finished)]
 
 
-@pytest.fixture(scope="module")
-def kat_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo")
-    dirs = {"NANOCHAT_BASE_DIR": root / "base", "NANOCHAT_OUTS_DIR": root / "outs", "NANOCHAT_KAT_CACHE": root / "cache"}
-    data_dir = dirs["NANOCHAT_KAT_CACHE"] / "data"
-    with pytest.MonkeyPatch.context() as mp:
-        for name, path in dirs.items():
-            mp.setenv(name, str(path))
-        tokenizer = make_tokenizer()
-        tokenizer.save(dirs["NANOCHAT_BASE_DIR"] / "tok")
-        sft = bigram_model(tokenizer)
-        sft_path = save_checkpoint(dirs["NANOCHAT_OUTS_DIR"] / "sft", 10, sft, [], final=True,
-                                   meta={"model_config": dataclasses.asdict(sft.config)})
-        rm = tiny_reward_model(tokenizer)
-        config = dataclasses.asdict(rm.backbone.config)
-        save_checkpoint(dirs["NANOCHAT_OUTS_DIR"] / "rm", 5, rm, [], final=True,
-                        meta={"kind": KIND, "model_config": config, "backbone_config": config, "max_seq_len": 96})
-        kat_pairs.main([f"--local_dir={REPO / 'nanochat/samples/kat'}", f"--out_dir={data_dir}", "--se_test_fraction=0.1"])
-        ids = [p["id"] for p in KatData(data_dir).prompts()]
-        KatData(data_dir).save_embeddings(ids, np.random.default_rng(0).normal(size=(len(ids), 8)))
-        kat_density.main([f"--data_dir={data_dir}", "--k=2", "--device_type=cpu"])
-    return {"dirs": dirs, "data_dir": data_dir, "tokenizer": tokenizer, "sft_path": sft_path, "root": root}
-
-
-@pytest.fixture
-def env(kat_run, monkeypatch):
-    for name, path in kat_run["dirs"].items():
-        monkeypatch.setenv(name, str(path))
-    monkeypatch.delenv("RANK", raising=False)
-    return kat_run
-
-
-FLAGS = ["--device_type=cpu", "--density_k=2", "--max_steps=2", "--prompts_per_step=2", "--samples_per_prompt=3",
-         "--max_new_tokens=8", "--max_prompt_tokens=48", "--rollout_prompts=2", "--update_tokens=160",
-         "--eval_every=1", "--eval_prompts=4", "--save_every=1", "--learning_rate=1e-3"]
-
-
 def probability_of(letter, model, tokenizer) -> float:
     prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "Say something."}]})
     with torch.no_grad():
         return torch.softmax(model(torch.tensor([prompt]))[0, -1], dim=-1)[ord(letter)].item()
-
-
-def logged(log_text: str, tag: str) -> list[float]:
-    return [float(v) for v in re.findall(rf"{re.escape(tag)} (\S+)", log_text)]
 
 
 def test_grpo_steps_make_the_rewarded_letter_more_likely(env, tmp_path):

@@ -109,6 +109,22 @@ class Objective:
             raise ValueError(f"need beta >= 0, clip_eps > 0, truncation_penalty >= 0; got {self}")
 
 
+def step_rewards(scores: torch.Tensor, finished: torch.Tensor, objective: Objective,
+                 sequence_kl: torch.Tensor | None) -> torch.Tensor:
+    """
+    What the advantages are computed from (R,): the RM score, minus truncation_penalty where the
+    completion was cut at max_new_tokens (it was scored as if it ended there), minus beta times
+    the sampling policy's sequence KL (k1, sum over tokens of log pi - log ref) with --kl=seq_reward.
+    """
+    rewards = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    rewards = rewards - objective.truncation_penalty * (~finished).to(rewards.dtype)
+    if objective.kl == "seq_reward":
+        if sequence_kl is None:
+            raise ValueError("--kl=seq_reward needs the sampling policy's sequence KL")
+        rewards = rewards - objective.beta * sequence_kl
+    return rewards
+
+
 # -----------------------------------------------------------------------------
 # One step's update: everything the gradient passes need, then the passes
 
@@ -146,11 +162,8 @@ def prepare_update(model, reference, prompts, completions, masks, scores: torch.
         sampling_logprobs = None
         if need_sampling_logprobs or objective.kl == "seq_reward":
             sampling_logprobs, _ = layout_logprobs(model, nograd_batches, layout)
-    # a completion cut at max_new_tokens is scored as rendered, minus the penalty
-    rewards = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    rewards = rewards - objective.truncation_penalty * (~finished).to(rewards.dtype)
-    if objective.kl == "seq_reward":
-        rewards = rewards - objective.beta * layout.per_row_sum(sampling_logprobs - ref_logprobs)
+    sequence_kl = layout.per_row_sum(sampling_logprobs - ref_logprobs) if sampling_logprobs is not None else None
+    rewards = step_rewards(scores, finished, objective, sequence_kl)
     advantages = grpo_advantages(rewards.view(-1, group_size), objective.adv_norm, batch_moments=all_reduce).flatten()
     num_tokens = all_reduce(torch.tensor(float(layout.rows.numel()), dtype=torch.float64, device=device)).item()
     # each rank's gradient is a sum over its tokens / the step's token count; the distributed
