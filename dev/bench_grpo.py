@@ -173,8 +173,8 @@ def run_tree(tree: Path, flags: list[str], nproc: int) -> float:
     return float(found.group(1))
 
 
-def build_scratch(cfg: Config, work: Path, depth: int, vocab_size: int) -> list[int]:
-    """The tokenizer, SFT model, RM and KAT data every tree runs on; returns the train prompts' lengths."""
+def build_scratch(work: Path, depth: int, vocab_size: int) -> Tokenizer:
+    """The tokenizer, SFT model, RM and KAT data every tree runs on, under work (NANOCHAT_* must point there)."""
     from nanochat.checkpoint_manager import save_checkpoint
     from nanochat.kat.data import KatData
     from nanochat.kat.reward_model import KIND, RewardModel
@@ -195,8 +195,7 @@ def build_scratch(cfg: Config, work: Path, depth: int, vocab_size: int) -> list[
     prompts = data.prompts()
     data.save_embeddings([p["id"] for p in prompts], np.random.default_rng(0).normal(size=(len(prompts), 64)))
     kat_density.main([f"--data_dir={data.dir}", "--k=10", "--device_type=cpu"])
-    return [min(len(tokenizer.render_for_completion(p["prefix"])), cfg.max_prompt_tokens)
-            for p in prompts if p["split"] == "train"]
+    return tokenizer
 
 
 def main():
@@ -218,7 +217,10 @@ def main():
     work = Path(cfg.workdir or tempfile.mkdtemp(prefix="bench_grpo_")).resolve()
     dirs = {"NANOCHAT_BASE_DIR": work / "base", "NANOCHAT_OUTS_DIR": work / "outs", "NANOCHAT_KAT_CACHE": work / "cache"}
     os.environ.update({name: str(path) for name, path in dirs.items()})  # read by this process and every child
-    prompt_lens = build_scratch(cfg, work, depth, vocab_size)
+    tokenizer = build_scratch(work, depth, vocab_size)
+    from nanochat.kat.data import KatData
+    prompt_lens = [min(len(tokenizer.render_for_completion(p["prefix"])), cfg.max_prompt_tokens)
+                   for p in KatData().prompts("train")]
 
     trees = ([(tree_label(ref_tree), ref_tree)] if ref_tree is not None else []) + [("new (this tree)", REPO_ROOT)]
     results = {}

@@ -114,23 +114,24 @@ def completion_batches(prompt_ids_list, completion_ids_list, device, sampled_mas
     return batches, layout
 
 
-def completion_logprobs(model, batch: CompletionBatch, entropy: bool = False):
+def completion_logprobs(model, batch: CompletionBatch, entropy_at=None, forward_hidden=None):
     """
     (logprobs, entropy): (n,) fp32 log p(target | its prefix) of the batch's counted tokens and,
-    when asked, the entropy (nats) of the model's whole next-token distribution at each (never
-    part of the graph; None otherwise). One forward pass; lm_head runs only at the n predicting
-    positions, through the model's own chunked loss, so no (n, vocab) logits outlive a chunk.
-    Gradients flow unless the caller disables them.
+    when entropy_at picks some of them (an index tensor, or slice(None) for all), the entropy
+    (nats) of the model's whole next-token distribution there (never part of the graph; else None). One forward pass;
+    lm_head runs only at the n predicting positions, through the model's own chunked loss, so no
+    (n, vocab) logits outlive a chunk. Gradients flow unless the caller disables them.
+    forward_hidden: model.forward_hidden or a compiled version of it (the default: the model's own).
     """
-    hidden = model.forward_hidden(batch.inputs)
+    hidden = (forward_hidden or model.forward_hidden)(batch.inputs)
     hidden = hidden.flatten(0, 1).index_select(0, batch.positions)  # (n, D)
     if hidden.size(0) == 0:  # no counted token: still a graph through every parameter (DistAdamW needs a grad for each)
         empty = torch.zeros(0, dtype=_float_dtype(model.lm_head.weight.dtype), device=hidden.device)
         tied = empty + 0.0 * (hidden.sum() + model.lm_head.weight.sum()).to(empty.dtype)
-        return tied, (empty if entropy else None)
+        return tied, (empty if entropy_at is not None else None)
     logprobs = -chunked_softcap_cross_entropy(hidden, model.lm_head.weight, batch.targets, LOGIT_SOFTCAP, "none")
     logprobs = logprobs.to(_float_dtype(logprobs.dtype))
-    return logprobs, (token_entropy(model, hidden.detach()) if entropy else None)
+    return logprobs, (token_entropy(model, hidden.detach()[entropy_at]) if entropy_at is not None else None)
 
 
 @torch.no_grad()
@@ -153,7 +154,7 @@ def layout_logprobs(model, batches: list[CompletionBatch], layout: TokenLayout, 
     entropies = torch.zeros(num_tokens, dtype=dtype, device=device) if entropy else None
     with torch.no_grad():
         for batch in batches:
-            values, batch_entropy = completion_logprobs(model, batch, entropy)
+            values, batch_entropy = completion_logprobs(model, batch, slice(None) if entropy else None)
             logprobs[batch.token_index] = values
             if entropy:
                 entropies[batch.token_index] = batch_entropy

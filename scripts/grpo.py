@@ -34,7 +34,8 @@ from nanochat.flags import flags_dict, opt, parse_flags
 from nanochat.kat.data import KatData
 from nanochat.kat.density import kish_ess
 from nanochat.kat.embed import response_embeddings
-from nanochat.kat.grpo import (ADV_NORMS, GRADIENT_PASS_SUMS, KL_MODES, Objective, gradient_pass, prepare_update)
+from nanochat.kat.grpo import (ADV_NORMS, ENTROPY_SAMPLE_EVERY, GRADIENT_PASS_SUMS, KL_MODES, Objective, gradient_pass,
+                               prepare_update)
 from nanochat.kat.reward_model import left_truncate, load_reward_model
 from nanochat.kat.trajectory import (DRAWS_FILE, DrawCounts, TrajectoryLog, checkpoint_name, trajectory_row)
 from nanochat.optim import build_adamw, clip_grad_norm_, set_lr_multiplier
@@ -79,6 +80,8 @@ class Config:
     update_tokens: int = opt(32768, help="tokens (with padding) per forward/backward micro-batch of the update", min=1)
     nograd_tokens: int = opt(131072, help="tokens per no-grad pass (reference, sampling policy, evaluation)", min=1)
     rm_tokens: int = opt(65536, help="tokens per reward model forward pass", min=1)
+    compile: bool = opt(False, help="torch.compile the policy's forward for the gradient pass (CUDA only; shapes "
+                                    "vary with each micro-batch, so dynamic)")
     # objective (nanochat/kat/grpo.py)
     adv_norm: str = opt("", help="advantages: none = reward - group mean (Dr. GRPO, Liu et al. 2025; default), group = "
                                  "/ group std (DeepSeekMath), batch = / the step's std (empty: --adv_std decides, else none)",
@@ -230,7 +233,8 @@ def score_rollouts(reward_model, rollouts: dict, token_budget: int) -> list[floa
 # -----------------------------------------------------------------------------
 # The update
 
-def policy_update(model, reference, optimizers, rollouts, scores, cfg, device, world_size, autocast) -> dict:
+def policy_update(model, reference, optimizers, rollouts, scores, cfg, device, world_size, autocast,
+                  forward_hidden=None) -> dict:
     """inner_epochs optimizer steps on one step's rollouts (nanochat/kat/grpo.py); returns figures over all ranks."""
     objective = objective_of(cfg)
     finished = torch.tensor(rollouts["finished"], device=device)
@@ -242,7 +246,8 @@ def policy_update(model, reference, optimizers, rollouts, scores, cfg, device, w
     old_logprobs = plan.sampling_logprobs if cfg.inner_epochs > 1 else None
     sums, grad_norm = None, None
     for epoch in range(cfg.inner_epochs):
-        epoch_sums = gradient_pass(model, plan, objective, old_logprobs, measure_entropy=epoch == 0, autocast=autocast)
+        epoch_sums = gradient_pass(model, plan, objective, old_logprobs, autocast=autocast, forward_hidden=forward_hidden,
+                                   entropy_every=ENTROPY_SAMPLE_EVERY if epoch == 0 else 0)
         if sums is None:
             sums = epoch_sums  # log_ratio and entropy: the first pass's, i.e. the sampling policy's
         else:
@@ -264,7 +269,7 @@ def policy_update(model, reference, optimizers, rollouts, scores, cfg, device, w
     return {"loss": pref_loss + kl_loss, "pref_loss": pref_loss, "kl_loss": kl_loss, "kl": k3, "kl_seq": kl_seq,
             "kl_penalty": cfg.beta * kl_seq if cfg.kl == "seq_reward" else 0.0,
             "objective_reward": objective_reward_sum / num_rows, "clip_frac": named["clipped"] / passes,
-            "entropy": named["entropy"] / num_tokens, "num_tokens": int(num_tokens),
+            "entropy": named["entropy"] / max(named["entropy_tokens"], 1), "num_tokens": int(num_tokens),
             "grad_norm": None if grad_norm is None else float(grad_norm)}
 
 
@@ -392,6 +397,8 @@ def main(argv=None, reward_model=None):
                 scorer.to(torch.bfloat16)
     assert_disjoint_parameters(policy=model, reference=reference, reward_model=reward_model, judge=judge)
     engine = Engine(model, tokenizer)
+    # the engine keeps the eager model (its decode step has its own CUDA graphs); the update may compile
+    forward_hidden = torch.compile(model.forward_hidden, dynamic=True) if cfg.compile and device.type == "cuda" else None
     longest = cfg.max_prompt_tokens + cfg.max_new_tokens
     if longest > model.rotary_seq_len:
         raise ValueError(f"--max_prompt_tokens + --max_new_tokens = {longest} exceeds the model's {model.rotary_seq_len} positions")
@@ -479,7 +486,8 @@ def main(argv=None, reward_model=None):
         model.train()
         lrm = lr_multiplier(step, cfg.max_steps, warmup_ratio=cfg.warmup_ratio, warmdown_ratio=cfg.warmdown_ratio)
         set_lr_multiplier(optimizers, lrm)
-        update = policy_update(model, reference, optimizers, rollouts, scores, cfg, device, world_size, autocast)
+        update = policy_update(model, reference, optimizers, rollouts, scores, cfg, device, world_size, autocast,
+                               forward_hidden)
         synchronize(device)
         t3 = time.time()
         step += 1
@@ -519,9 +527,10 @@ def main(argv=None, reward_model=None):
                 "train/rm_score_mean": score_sum / count, "train/reward_mean": reward_mean,
                 "train/reward_std": reward_std, "train/objective_reward_mean": update["objective_reward"],
                 "train/zero_std_frac": zero_std / groups,
-                # entropy (nats) of the sampling policy's next-token distribution at every counted completion
-                # token, measured in the first gradient pass (before any optimizer step, so it is the sampling
-                # policy); clip_frac: tokens whose ratio was clipped
+                # entropy (nats) of the sampling policy's next-token distribution at counted completion tokens,
+                # measured in the first gradient pass (before any optimizer step, so of the sampling policy) at
+                # positions 0, 4, 8, ... of every completion (ENTROPY_SAMPLE_EVERY); clip_frac: tokens whose ratio
+                # was clipped
                 "train/entropy": update["entropy"], "train/completion_len": length_sum / count,
                 "train/truncated_frac": truncated / count, "train/clip_frac": update["clip_frac"],
                 "train/num_tokens": update["num_tokens"],

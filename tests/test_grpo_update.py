@@ -114,13 +114,14 @@ def test_update_gradients_equal_the_straightforward_objective(adv_norm, kl, inne
                           update_tokens=40, nograd_tokens=80, need_sampling_logprobs=inner_epochs > 1)
     assert len(plan.batches) > 2
     old = plan.sampling_logprobs if inner_epochs > 1 else None  # the first epoch of either: the same gradient
-    got = dict(zip(GRADIENT_PASS_SUMS, gradient_pass(model, plan, objective, old).tolist()))
+    got = dict(zip(GRADIENT_PASS_SUMS, gradient_pass(model, plan, objective, old, entropy_every=1).tolist()))
 
     torch.testing.assert_close(plan.rewards, want_rewards, rtol=1e-10, atol=1e-12)
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, want_grads[name], rtol=1e-8, atol=1e-12, msg=name)
     assert got["clipped"] == 0  # the ratio is 1 before any step
+    assert got["entropy_tokens"] == sum(sum(m) for m in masks)
     for key in ("pg", "k3", "log_ratio", "entropy"):
         assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
     assert abs(want["pg"]) > 1e-3 and want["k3"] > 1e-3  # the comparison is not of zeros
@@ -143,3 +144,21 @@ def test_the_kl_term_moves_the_gradient_only_where_it_should():
             model.zero_grad(set_to_none=True)
     torch.testing.assert_close(grads["seq_reward", 0.0], grads["token_k3", 0.0], rtol=1e-10, atol=1e-12)
     assert (grads["seq_reward", 0.3] - grads["token_k3", 0.3]).norm() > 1e-3 * grads["token_k3", 0.3].norm()
+
+
+def test_entropy_is_measured_at_every_fourth_position_of_each_completion():
+    model, reference = random_gpt(1), random_gpt(2)
+    prompts, completions, masks, scores, finished = make_rollouts()
+    objective = Objective(adv_norm="none", kl="seq_reward", beta=0.3, clip_eps=0.2, truncation_penalty=0.5)
+    plan = prepare_update(model, reference, prompts, completions, masks, scores, finished, GROUP, objective,
+                          update_tokens=40, nograd_tokens=80, need_sampling_logprobs=False)
+    got = dict(zip(GRADIENT_PASS_SUMS, gradient_pass(model, plan, objective, None).tolist()))  # the default: every 4th
+    entropy, positions = [], []
+    with torch.no_grad():  # every counted token's entropy and position, row by row
+        for p, c, m in zip(prompts, completions, masks):
+            entropy.append(row_logprobs(model, p, c, m)[1])
+            positions += [k for k, counted in enumerate(m) if counted]
+    entropy, positions = torch.cat(entropy), torch.tensor(positions)
+    sampled = positions % 4 == 0
+    assert got["entropy_tokens"] == sampled.sum().item() and 0 < sampled.sum() < len(sampled)
+    assert got["entropy"] == pytest.approx(entropy[sampled].sum().item(), rel=1e-9)
