@@ -47,7 +47,8 @@ COMPILE_PREFIX = "_orig_mod."  # what torch.compile puts before every state_dict
 STAGE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft",
                  "rl": "scripts.chat_rl", "rm": "scripts.train_rm",
                  "grpo_density": "scripts.grpo --prompt_sampling=density",
-                 "grpo_baseline": "scripts.grpo --prompt_sampling=uniform"}
+                 "grpo_baseline": "scripts.grpo --prompt_sampling=uniform",
+                 "grpo_shuffled": "scripts.grpo --prompt_sampling=shuffled"}
 
 
 # -----------------------------------------------------------------------------
