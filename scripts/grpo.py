@@ -77,8 +77,9 @@ class Config:
     max_prompt_tokens: int = opt(1024, help="longer prompts keep <|bos|> and lose their oldest tokens", min=2)
     rollout_prompts: int = opt(16, help="prompts per engine call (rows = this * G): bounds KV-cache memory", min=1)
     # how the update and the scoring are batched: rows sorted by length, rows x longest row <= the budget
-    update_tokens: int = opt(32768, help="tokens (with padding) per forward/backward micro-batch of the update", min=1)
-    nograd_tokens: int = opt(131072, help="tokens per no-grad pass (reference, sampling policy, evaluation)", min=1)
+    update_tokens: int = opt(16384, help="tokens (with padding) per forward/backward micro-batch of the update; "
+                                         "activation memory grows with it", min=1)
+    nograd_tokens: int = opt(65536, help="tokens per no-grad pass (reference, sampling policy, evaluation)", min=1)
     rm_tokens: int = opt(65536, help="tokens per reward model forward pass", min=1)
     compile: bool = opt(False, help="torch.compile the policy's forward for the gradient pass (CUDA only; shapes "
                                     "vary with each micro-batch, so dynamic)")
