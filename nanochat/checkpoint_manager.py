@@ -47,7 +47,8 @@ COMPILE_PREFIX = "_orig_mod."  # what torch.compile puts before every state_dict
 STAGE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft",
                  "rl": "scripts.chat_rl", "rm": "scripts.train_rm",
                  "grpo_density": "scripts.grpo --prompt_sampling=density",
-                 "grpo_baseline": "scripts.grpo --prompt_sampling=uniform"}
+                 "grpo_baseline": "scripts.grpo --prompt_sampling=uniform",
+                 "grpo_shuffled": "scripts.grpo --prompt_sampling=shuffled"}
 
 
 # -----------------------------------------------------------------------------
@@ -152,8 +153,7 @@ def save_checkpoint(out_dir, step: int, model, optimizers, *, meta: dict, loader
         _atomic_write(_rank_file(main_path, rank), lambda f: torch.save(payload, f))
     _barrier()  # every rank's file is in place before the main file says the checkpoint exists
     if rank == 0:
-        full_meta = {**meta, "stage": meta.get("stage", out_dir.name), "step": step, "world_size": world_size,
-                     "git_commit": git_commit(), "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        full_meta = _full_meta(meta, out_dir.name, step, world_size)
         meta_json = json.dumps(full_meta, indent=2)  # fails here, before any file is touched, if meta is not JSON
         payload = {"format": 1, "step": step, "world_size": world_size, "meta": full_meta,
                    "model": _model_state(model), "extra": extra, "rank_state": rank_state}
@@ -163,6 +163,28 @@ def save_checkpoint(out_dir, step: int, model, optimizers, *, meta: dict, loader
             _prune_intermediate(out_dir, keep)
     _barrier()
     return main_path
+
+
+def _full_meta(meta: dict, stage: str, step: int, world_size: int) -> dict:
+    return {**meta, "stage": meta.get("stage", stage), "step": step, "world_size": world_size,
+            "git_commit": git_commit(), "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def save_model_weights(path, step: int, model, *, meta: dict) -> Path:
+    """
+    A weights-only checkpoint at path (no optimizer, RNG or per-rank state: it cannot resume a
+    run), loadable with load_model(path). One process writes it (the weights are every rank's).
+    """
+    path = Path(path)
+    if "model_config" not in meta:
+        raise ValueError("save_model_weights: meta needs 'model_config' (the GPTConfig fields) so the model can be rebuilt")
+    full_meta = _full_meta(meta, path.parent.name, step, 1)
+    json.dumps(full_meta)  # fails here, before any file is touched, if meta is not JSON
+    payload = {"format": 1, "step": step, "world_size": 1, "meta": full_meta, "model": _model_state(model),
+               "extra": None, "rank_state": None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda f: torch.save(payload, f))
+    return path
 
 
 def _intermediate_steps(out_dir: Path) -> list[int]:

@@ -254,6 +254,26 @@ def test_sampler_uniform_mode_ignores_weights():
     assert scipy_stats.chisquare(observed).pvalue > 0.001
 
 
+def test_shuffled_sampler_keeps_the_weights_and_drops_the_density():
+    """The sampler's control: the density weights permuted across prompts by a fixed permutation, so
+    the same multiset of weights (the same Kish ESS) lands on other prompts, whatever the seed."""
+    ids = [f"p{i}" for i in range(40)]
+    weights = np.random.default_rng(5).random(40) ** 3 + 0.01
+    density = PromptSampler(ids, weights, seed=7, mode="density")
+    shuffled = PromptSampler(ids, weights, seed=7, mode="shuffled")
+    np.testing.assert_allclose(np.sort(shuffled.probs), np.sort(density.probs))
+    assert kish_ess(shuffled.probs) == pytest.approx(kish_ess(density.probs))
+    assert np.abs(shuffled.probs - density.probs).sum() > 0.5  # most of the mass moved to other prompts
+    assert np.corrcoef(shuffled.probs, density.probs)[0, 1] < 0.5
+    np.testing.assert_array_equal(PromptSampler(ids, weights, seed=99, mode="shuffled").probs, shuffled.probs)
+    assert shuffled.sample(64, 0) != density.sample(64, 0)
+    draws = [pid for step in range(40) for pid in shuffled.sample(1000, step)]
+    observed = np.array([draws.count(pid) for pid in ids])
+    assert scipy_stats.chisquare(observed, shuffled.probs * len(draws)).pvalue > 0.001
+    with pytest.raises(ValueError, match="needs weights"):
+        PromptSampler(ids, seed=7, mode="shuffled")
+
+
 @pytest.mark.slow
 def test_sampler_is_a_function_of_seed_and_step_in_any_process():
     ids = [f"p{i}" for i in range(50)]

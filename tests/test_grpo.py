@@ -1,39 +1,31 @@
 """
-scripts/grpo.py and the GRPO pieces of nanochat/rl.py, on CPU with tiny models.
-
-The "SFT model" is a real GPT whose weights make it a bigram table: after <|assistant_start|> it
-says "a" or "b", then more of them or <|assistant_end|>, each equally likely. The KAT data is
-built from tests/fixtures/kat by scripts.kat_pairs, with density weights from scripts.kat_density
-on random prompt embeddings. The reward model is a real tiny RewardModel saved as stage "rm"; the
+scripts/grpo.py and the GRPO maths of nanochat/kat/grpo.py, on CPU with tiny models
+(tests/grpo_fixtures.py). The reward model is a real tiny RewardModel saved as stage "rm"; the
 learning test instead scores with a plain function of the text (how many "a"s), so that there is
 something definite to learn.
 """
 
-import dataclasses
 import json
 import math
-import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import load_checkpoint, load_model, save_checkpoint
-from nanochat.kat.data import KatData
-from nanochat.kat.density import PromptSampler
+from nanochat.checkpoint_manager import load_checkpoint, load_model
 from nanochat.engine import Engine
 from nanochat.flags import parse_flags
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.kat.reward_model import KIND, RewardModel
-from nanochat.kat.grpo import clipped_policy_loss, k3_kl, sampled_token_stats
-from nanochat.rl import group_advantages, sequence_logprobs
-from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
-from scripts import grpo, kat_density, kat_pairs
+from nanochat.kat.data import KatData
+from nanochat.kat.density import PromptSampler
+from nanochat.kat.grpo import Objective, clipped_policy_loss, k3_kl, prepare_update
+from nanochat.kat.trajectory import DrawCounts
+from nanochat.rl import group_advantages
+from scripts import grpo
+from tests.grpo_fixtures import (END, FLAGS, LetterCount, bigram_model, build_kat_run, logged, make_tokenizer,
+                                 point_env_at)
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 
 
 # -----------------------------------------------------------------------------
@@ -80,30 +72,6 @@ def test_group_advantages_with_and_without_std():
     assert scaled[1].tolist() == [0.0] * 4  # no signal, no NaN
 
 
-def test_sampled_token_stats_match_full_logits_and_sequence_logprobs():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=32, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 1.0 / math.sqrt(p.size(-1)))
-    pairs = [([1, 2, 3], [4, 5, 6, 7]), ([8], [9, 10]), ([11, 12], [])]
-    masks = [[1, 1, 0, 1], [1, 1], []]  # a forced token is not counted
-    prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
-    logprobs, entropy, mask = sampled_token_stats(model, prompts, completions, "cpu", masks)
-    reference, reference_mask = sequence_logprobs(model, prompts, completions, "cpu", sampled_masks=masks)
-    assert torch.equal(mask, reference_mask)
-    assert torch.allclose(logprobs, reference, atol=1e-5)
-    for row, (prompt, completion) in enumerate(pairs):
-        for k, token in enumerate(completion):
-            with torch.no_grad():
-                log_p = torch.log_softmax(model(torch.tensor([prompt + completion[:k]]))[0, -1], dim=-1)
-            if masks[row][k]:
-                assert logprobs[row, k].item() == pytest.approx(log_p[token].item(), abs=1e-5)
-                assert entropy[row, k].item() == pytest.approx(-(log_p.exp() * log_p).sum().item(), abs=1e-5)
-            else:
-                assert logprobs[row, k].item() == 0.0 and entropy[row, k].item() == 0.0
-
-
 # -----------------------------------------------------------------------------
 # Prompt sampling, seeds and flags
 
@@ -127,7 +95,7 @@ def test_rank_shares_are_disjoint_and_both_arms_share_their_seeds():
 
 
 def test_prompt_ess_counts_draws():
-    counts = grpo.PromptCounts()
+    counts = DrawCounts()
     counts.add(["a", "b", "c", "d"])
     assert counts.ess() == pytest.approx(4.0)
     counts.add(["a", "a", "a", "a"])  # a: 5, the rest 1 each: 8^2 / (25 + 3)
@@ -135,7 +103,7 @@ def test_prompt_ess_counts_draws():
 
 
 def test_density_aware_alias_parses_and_conflicts_are_refused():
-    resolve = lambda argv: grpo.resolve_prompt_sampling(parse_flags(grpo.Config, argv))
+    resolve = lambda argv: grpo.resolve_flags(parse_flags(grpo.Config, argv))
     assert resolve(["--density_aware=False"]).prompt_sampling == "uniform"
     assert resolve(["--density_aware", "False"]).prompt_sampling == "uniform"
     assert resolve(["--density_aware=True"]).prompt_sampling == "density"
@@ -143,56 +111,33 @@ def test_density_aware_alias_parses_and_conflicts_are_refused():
     assert resolve([]).prompt_sampling == "density"
     with pytest.raises(ValueError, match="contradicts"):
         resolve(["--prompt_sampling=uniform", "--density_aware=true"])
+    assert resolve(["--prompt_sampling=shuffled"]).density_aware is None
+    # --adv_std=true|false is --adv_norm=group|none; the default is none (Dr. GRPO)
+    assert (resolve([]).adv_norm, resolve(["--adv_std=true"]).adv_norm, resolve(["--adv_std=false"]).adv_norm) == \
+           ("none", "group", "none")
+    assert resolve(["--adv_norm=group"]).adv_std is True and resolve(["--adv_norm=batch"]).adv_std is None
+    assert resolve(["--adv_norm=group", "--adv_std=true"]).adv_norm == "group"
+    with pytest.raises(ValueError, match="contradicts"):
+        resolve(["--adv_norm=none", "--adv_std=true"])
+    # --eval_every / --eval_prompts are the trajectory flags' old names
+    cfg = resolve(["--eval_every=-1", "--eval_prompts=8"])
+    assert (cfg.traj_every, cfg.traj_prompts) == (-1, 8)
+    assert (resolve([]).traj_every, resolve([]).traj_prompts) == (grpo.DEFAULT_TRAJ_EVERY, grpo.DEFAULT_TRAJ_PROMPTS)
+    with pytest.raises(ValueError, match="contradicts"):
+        resolve(["--traj_every=10", "--eval_every=20"])
 
 
 # -----------------------------------------------------------------------------
 # End to end
 
-END = "<|assistant_end|>"
+@pytest.fixture(scope="module")
+def kat_run(tmp_path_factory):
+    return build_kat_run(tmp_path_factory.mktemp("grpo"))
 
 
-def make_tokenizer() -> Tokenizer:
-    return Tokenizer(SPLIT_PATTERN, {bytes([b]): b for b in range(256)})
-
-
-def bigram_model(tokenizer) -> GPT:
-    """After token u the logits are table[u] (unlisted tokens: 0). nanochat's init zeroes every
-    block's output projection, so one-hot embeddings reach lm_head unchanged."""
-    vocab = tokenizer.get_vocab_size()
-    width = 4 * ((vocab + 3) // 4)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=width))
-    a, b, end = ord("a"), ord("b"), tokenizer.encode_special(END)
-    table = {tokenizer.encode_special("<|assistant_start|>"): {a: 14.0, b: 14.0},
-             a: {a: 14.0, b: 14.0, end: 14.0}, b: {a: 14.0, b: 14.0, end: 14.0}}
-    with torch.no_grad():
-        model.transformer.wte.weight.zero_()
-        model.transformer.wte.weight[torch.arange(vocab), torch.arange(vocab)] = 1.0
-        model.lm_head.weight.zero_()
-        for u, row in table.items():
-            for v, logit in row.items():
-                model.lm_head.weight[v, u] = logit / math.sqrt(width)  # the final RMSNorm scales e_u by sqrt(width)
-    return model
-
-
-def tiny_reward_model(tokenizer) -> RewardModel:
-    torch.manual_seed(1)
-    backbone = GPT(GPTConfig(sequence_len=96, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2,
-                             n_kv_head=2, n_embd=32))
-    with torch.no_grad():
-        for block in backbone.transformer.h:
-            for proj in (block.attn.c_proj, block.mlp.c_proj):
-                proj.weight.normal_(0.0, 0.1)
-    return RewardModel(backbone, tokenizer, max_seq_len=96)
-
-
-class LetterCount:
-    """A reward with score()'s interface: how many times the response contains a letter."""
-
-    def __init__(self, letter: str):
-        self.letter = letter
-
-    def score(self, pairs, batch_size=16):
-        return [float(response.count(self.letter)) for _, response in pairs]
+@pytest.fixture
+def env(kat_run, monkeypatch):
+    return point_env_at(kat_run, monkeypatch)
 
 
 def test_rollouts_keep_the_stop_token_and_truncated_ones_are_scored_with_the_penalty():
@@ -210,55 +155,22 @@ def test_rollouts_keep_the_stop_token_and_truncated_ones_are_scored_with_the_pen
     for tokens, done, text in zip(rollouts["completions"], finished, rollouts["texts"]):
         assert done == (tokens[-1] == end)
         assert text == tokenizer.decode(tokens[:-1] if done else tokens)
-    scores = grpo.score_rollouts(LetterCount("a"), rollouts, cfg)
-    assert scores == [text.count("a") - (0.0 if done else 0.5) for text, done in zip(rollouts["texts"], finished)]
-
-
-@pytest.fixture(scope="module")
-def kat_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo")
-    dirs = {"NANOCHAT_BASE_DIR": root / "base", "NANOCHAT_OUTS_DIR": root / "outs", "NANOCHAT_KAT_CACHE": root / "cache"}
-    data_dir = dirs["NANOCHAT_KAT_CACHE"] / "data"
-    with pytest.MonkeyPatch.context() as mp:
-        for name, path in dirs.items():
-            mp.setenv(name, str(path))
-        tokenizer = make_tokenizer()
-        tokenizer.save(dirs["NANOCHAT_BASE_DIR"] / "tok")
-        sft = bigram_model(tokenizer)
-        sft_path = save_checkpoint(dirs["NANOCHAT_OUTS_DIR"] / "sft", 10, sft, [], final=True,
-                                   meta={"model_config": dataclasses.asdict(sft.config)})
-        rm = tiny_reward_model(tokenizer)
-        config = dataclasses.asdict(rm.backbone.config)
-        save_checkpoint(dirs["NANOCHAT_OUTS_DIR"] / "rm", 5, rm, [], final=True,
-                        meta={"kind": KIND, "model_config": config, "backbone_config": config, "max_seq_len": 96})
-        kat_pairs.main([f"--local_dir={REPO / 'tests/fixtures/kat'}", f"--out_dir={data_dir}", "--se_test_fraction=0.3"])
-        ids = [p["id"] for p in KatData(data_dir).prompts()]
-        KatData(data_dir).save_embeddings(ids, np.random.default_rng(0).normal(size=(len(ids), 8)))
-        kat_density.main([f"--data_dir={data_dir}", "--k=2", "--device_type=cpu"])
-    return {"dirs": dirs, "data_dir": data_dir, "tokenizer": tokenizer, "sft_path": sft_path, "root": root}
-
-
-@pytest.fixture
-def env(kat_run, monkeypatch):
-    for name, path in kat_run["dirs"].items():
-        monkeypatch.setenv(name, str(path))
-    monkeypatch.delenv("RANK", raising=False)
-    return kat_run
-
-
-FLAGS = ["--device_type=cpu", "--density_k=2", "--max_steps=2", "--prompts_per_step=2", "--samples_per_prompt=3",
-         "--max_new_tokens=8", "--max_prompt_tokens=48", "--rollout_prompts=2", "--device_batch_size=4",
-         "--eval_every=1", "--eval_prompts=4", "--save_every=1", "--learning_rate=1e-3"]
+    # scored in length-sorted batches of about 20 tokens, returned in the rollouts' order
+    scores = grpo.score_rollouts(LetterCount("a"), rollouts, token_budget=20)
+    assert scores == [float(text.count("a")) for text in rollouts["texts"]]
+    # the truncation penalty comes off the reward before the advantages (--kl=token_k3: nothing else does)
+    model = bigram_model(tokenizer)
+    objective = Objective(adv_norm="none", kl="token_k3", beta=0.1, clip_eps=0.2, truncation_penalty=0.5)
+    plan = prepare_update(model, model, rollouts["prompts"], rollouts["completions"], rollouts["masks"],
+                          torch.tensor(scores), torch.tensor(finished), 16, objective, update_tokens=64,
+                          nograd_tokens=64, need_sampling_logprobs=False)
+    assert plan.rewards.tolist() == [text.count("a") - (0.0 if done else 0.5) for text, done in zip(rollouts["texts"], finished)]
 
 
 def probability_of(letter, model, tokenizer) -> float:
     prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "Say something."}]})
     with torch.no_grad():
         return torch.softmax(model(torch.tensor([prompt]))[0, -1], dim=-1)[ord(letter)].item()
-
-
-def logged(log_text: str, tag: str) -> list[float]:
-    return [float(v) for v in re.findall(rf"{re.escape(tag)} (\S+)", log_text)]
 
 
 def test_grpo_steps_make_the_rewarded_letter_more_likely(env, tmp_path):
@@ -291,13 +203,13 @@ def test_both_arms_differ_only_in_the_sampler_and_their_checkpoints_load_by_stag
     assert arg_diff == {"prompt_sampling", "density_aware"}  # same seeds, steps, batch: the same compute
     assert d["sampler"]["kish_ess"] < b["sampler"]["kish_ess"] == b["sampler"]["train_prompts"]
     # step 0 evaluates the same SFT policy on the same held-out prompts with the same seeds
-    key = next(k for k in density if k.startswith("Held-out reward at step 0"))
+    key = next(k for k in density if k.startswith("Dev reward at step 0"))
     assert density[key] == baseline[key]
 
     # each arm trained on what its own sampler draws (the logged ESS is of the prompts drawn so far)
     draws = {}
     for arm, mode in (("grpo_density", "density"), ("grpo_baseline", "uniform")):
-        sampler, counts, expected = KatData(env["data_dir"]).prompt_sampler(seed=42, mode=mode), grpo.PromptCounts(), []
+        sampler, counts, expected = KatData(env["data_dir"]).prompt_sampler(seed=42, mode=mode), DrawCounts(), []
         draws[mode] = [sampler.sample(2, step) for step in range(2)]
         for ids in draws[mode]:
             counts.add(ids)
@@ -308,7 +220,8 @@ def test_both_arms_differ_only_in_the_sampler_and_their_checkpoints_load_by_stag
     log = (outs / "grpo_density" / "training_log.txt").read_text()
     for tag in ("train/loss", "train/pref_loss", "train/kl_loss", "train/kl ", "train/lr", "train/reward_mean",
                 "train/reward_std", "train/zero_std_frac", "train/entropy", "train/completion_len", "train/clip_frac",
-                "train/prompt_ess", "train/time_rollout", "train/time_score", "train/time_update", "val/reward_mean"):
+                "train/prompt_ess", "train/time_rollout", "train/time_score", "train/time_update", "val/policy_reward",
+                "train/kl_seq", "train/kl_penalty", "train/rm_score_mean", "draws/quintile_1"):
         assert tag in log, tag
     assert list((outs / "grpo_density" / "logs").glob("events.out.tfevents.*"))
     entropies = logged(log, "train/entropy")
@@ -328,7 +241,10 @@ def test_both_arms_differ_only_in_the_sampler_and_their_checkpoints_load_by_stag
 
 def test_resume_reproduces_the_uninterrupted_run(env, tmp_path):
     out_dir = tmp_path / "resume"
-    flags = [*FLAGS, "--max_steps=3", "--save_every=2", "--eval_every=-1", "--inner_epochs=2", f"--out_dir={out_dir}"]
+    # group z-scored advantages and a large LR: the tiny RM's reward gaps are small, and only scaled up do
+    # they move the policy far enough within one step for the second inner epoch to clip
+    flags = [*FLAGS, "--max_steps=3", "--save_every=2", "--eval_every=-1", "--inner_epochs=2", "--adv_norm=group",
+             "--learning_rate=1e-2", f"--out_dir={out_dir}"]
     grpo.main(flags)
     uninterrupted = load_checkpoint(out_dir / "ckpt.pt", "cpu")["model"]
     (out_dir / "ckpt.pt").unlink()  # as if killed after the step-2 checkpoint
@@ -359,7 +275,8 @@ def test_two_ranks_train_the_same_policy_as_one_process(env, tmp_path):
 
     import torch.multiprocessing as mp
 
-    flags = [*FLAGS, "--rollout_prompts=1", "--grad_clip=0.05", "--learning_rate=3e-3"]
+    # batch-normalised advantages: their std is reduced over both ranks
+    flags = [*FLAGS, "--rollout_prompts=1", "--grad_clip=0.05", "--learning_rate=3e-3", "--adv_norm=batch"]
     grpo.main([*flags, f"--out_dir={tmp_path / 'single'}"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -370,7 +287,7 @@ def test_two_ranks_train_the_same_policy_as_one_process(env, tmp_path):
     assert ddp["world_size"] == 2 and (tmp_path / "ddp" / "ckpt_rank1.pt").is_file()
     single_log, ddp_log = ((tmp_path / arm / "training_log.txt").read_text() for arm in ("single", "ddp"))
     for tag in ("train/grad_norm", "train/loss", "train/pref_loss", "train/kl", "train/reward_mean", "train/entropy",
-                "train/num_tokens", "train/prompt_ess", "val/reward_mean"):
+                "train/num_tokens", "train/prompt_ess", "val/policy_reward", "val/kl"):
         ddp_values, single_values = logged(ddp_log, tag), logged(single_log, tag)
         # Step 1 starts from the same weights: the rank-averaged gradient's norm, taken before clipping
         # (0.05 clips every step), and every statistic agree up to float rounding. After it, they agree

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nanochat.kat.grpo import grpo_advantages, k3_kl, sequence_kl
+from nanochat.kat.grpo import Objective, clipped_policy_loss, grpo_advantages, k3_kl, sequence_kl, step_rewards
 from nanochat.kat.toy import kl_optimum, run_bandit, sampler_control_summary
 
 REWARDS = torch.tensor([[1.0, 2.0, 3.0, 6.0], [5.0, 5.0, 5.0, 5.0]])
@@ -53,6 +53,61 @@ def test_k3_is_zero_at_the_reference_and_positive_elsewhere():
     assert torch.equal(k3_kl(logprobs, logprobs), torch.zeros(3))
     d = torch.tensor([0.3, -0.7, 1.2])
     torch.testing.assert_close(k3_kl(logprobs, logprobs + d), torch.exp(d) - d - 1)
+
+
+def test_step_rewards_take_off_the_truncation_penalty_and_the_sequence_kl():
+    scores = torch.tensor([1.0, 2.0, -0.5, 0.25])
+    finished = torch.tensor([True, False, True, False])
+    kl = torch.tensor([0.4, -0.2, 3.0, 0.0])  # k1 sums can be negative for one sequence
+    seq = Objective(adv_norm="none", kl="seq_reward", beta=0.5, clip_eps=0.2, truncation_penalty=1.5)
+    torch.testing.assert_close(step_rewards(scores, finished, seq, kl), torch.tensor([1.0 - 0.2, 2.0 - 1.5 + 0.1,
+                                                                                     -0.5 - 1.5, 0.25 - 1.5]))
+    token = Objective(adv_norm="none", kl="token_k3", beta=0.5, clip_eps=0.2, truncation_penalty=1.5)
+    torch.testing.assert_close(step_rewards(scores, finished, token, kl), torch.tensor([1.0, 0.5, -0.5, -1.25]))
+    with pytest.raises(ValueError, match="sequence KL"):
+        step_rewards(scores, finished, seq, None)
+
+
+def _expected_gradient(theta, per_sample_loss):
+    """d/dtheta of sum_x pi(x) * loss(x) with pi = softmax(theta) held fixed as the sampling
+    distribution: the expectation of the per-sample gradient on the policy's own samples."""
+    grads = []
+    for x in range(theta.numel()):
+        theta.grad = None
+        per_sample_loss(x).backward()
+        grads.append(theta.grad.clone())
+    probs = torch.softmax(theta.detach(), dim=0)
+    return sum(p * g for p, g in zip(probs, grads))
+
+
+def test_token_k3_loss_follows_the_gradient_of_the_reverse_kl():
+    """k3 as a loss, on-policy: E_pi[grad k3] = grad KL(ref || pi), not grad KL(pi || ref)."""
+    torch.manual_seed(0)
+    theta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6, dtype=torch.float64), dim=0)
+    got = _expected_gradient(theta, lambda x: k3_kl(torch.log_softmax(theta, dim=0)[x], ref[x]))
+    reverse = torch.autograd.grad((ref.exp() * (ref - torch.log_softmax(theta, 0))).sum(), theta)[0]
+    forward = torch.autograd.grad((torch.softmax(theta, 0) * (torch.log_softmax(theta, 0) - ref)).sum(), theta)[0]
+    torch.testing.assert_close(got, reverse)
+    assert (got - forward).norm() > 0.1 * forward.norm()
+
+
+def test_sequence_kl_in_the_reward_follows_the_gradient_of_the_forward_kl():
+    """beta * k1 off the reward, through the policy-gradient loss -A log pi (ratio 1): the REINFORCE
+    gradient of beta * KL(pi || ref), the objective whose optimum is ref * exp(r / beta)."""
+    torch.manual_seed(0)
+    theta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6, dtype=torch.float64), dim=0)
+    beta = 0.3
+    with torch.no_grad():
+        penalty = beta * (torch.log_softmax(theta, 0) - ref)  # what step_rewards subtracts, per sample
+
+    def loss(x):
+        logprob = torch.log_softmax(theta, dim=0)[x]
+        return clipped_policy_loss(logprob, logprob.detach(), -penalty[x])[0]
+
+    forward = torch.autograd.grad(beta * (torch.softmax(theta, 0) * (torch.log_softmax(theta, 0) - ref)).sum(), theta)[0]
+    torch.testing.assert_close(_expected_gradient(theta, loss), forward)
 
 
 def test_kl_optimum_is_the_tilted_reference():

@@ -1,4 +1,5 @@
-"""Tests for nanochat/rl.py: per-token log-probs of completions and group-relative advantages."""
+"""Tests for nanochat/rl.py: per-token log-probs of completions (micro-batched and laid out in one
+canonical order, or per row) and group-relative advantages."""
 
 import math
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.rl import group_advantages, sequence_logprobs
+from nanochat.rl import (completion_batches, completion_logprobs, group_advantages, layout_logprobs, length_sorted_groups,
+                         sequence_logprobs)
 
 torch.set_num_threads(1)
 VOCAB = 50
@@ -73,6 +75,52 @@ def test_sampled_masks_drop_forced_tokens_and_gradients_flow(model):
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_micro_batched_logprobs_and_entropy_match_full_logits(model):
+    """Several length-sorted micro-batches (a budget of 12 tokens), tokens in canonical order: each
+    counted token's log-prob and entropy equal those of the model's whole next-token distribution
+    after its exact prefix; forced tokens are left out; sequence_logprobs agrees."""
+    prompts, completions = [p for p, _ in PAIRS], [c for _, c in PAIRS]
+    forced = [[1, 0, 1], [1, 1, 0, 0, 0, 1], [], [1]]
+    batches, layout = completion_batches(prompts, completions, "cpu", forced, token_budget=12)
+    assert len(batches) >= 2 and all(b.inputs.numel() <= 12 or b.inputs.size(0) == 1 for b in batches)
+    logprobs, entropy = layout_logprobs(model, batches, layout, entropy=True)
+    counted = [(r, k) for r, mask in enumerate(forced) for k, m in enumerate(mask) if m]
+    assert list(zip(layout.rows.tolist(), layout.columns.tolist())) == counted  # row by row, forced tokens out
+    for t, (row, k) in enumerate(counted):
+        prompt, completion = PAIRS[row]
+        with torch.no_grad():
+            log_p = torch.log_softmax(model(torch.tensor([prompt + completion[:k]]))[0, -1], dim=-1)
+        assert logprobs[t].item() == pytest.approx(log_p[completion[k]].item(), abs=1e-5)
+        assert entropy[t].item() == pytest.approx(-(log_p.exp() * log_p).sum().item(), abs=1e-5)
+    with torch.no_grad():
+        per_row, mask = sequence_logprobs(model, prompts, completions, "cpu", sampled_masks=forced)
+    assert mask.nonzero().tolist() == [list(c) for c in counted]
+    assert torch.allclose(per_row[mask], logprobs, atol=1e-6)
+    sums = layout.per_row_sum(logprobs)
+    assert torch.allclose(sums, per_row.sum(dim=1), atol=1e-5)
+
+
+def test_length_sorted_groups_respect_the_budget():
+    lengths = [3, 10, 4, 4, 1, 7]
+    groups = length_sorted_groups(lengths, token_budget=10)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert groups[0] == [1]  # the longest alone: 2 x 10 > 10
+    for group in groups:
+        assert [lengths[i] for i in group] == sorted((lengths[i] for i in group), reverse=True)
+        assert len(group) == 1 or len(group) * lengths[group[0]] <= 10
+    assert length_sorted_groups(lengths, None) == [[1, 5, 2, 3, 0, 4]]
+
+
+def test_a_batch_without_counted_tokens_still_reaches_every_parameter(model):
+    batches, layout = completion_batches([[1, 2]], [[3, 4]], "cpu", [[0, 0]], token_budget=None)
+    assert layout.rows.numel() == 0
+    values, _ = completion_logprobs(model, batches[0])
+    model.zero_grad(set_to_none=True)
+    values.sum().backward()
+    assert all(p.grad is not None and (p.grad == 0).all() for p in model.parameters())
     model.zero_grad(set_to_none=True)
 
 

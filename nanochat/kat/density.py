@@ -137,33 +137,41 @@ def kish_ess(weights) -> float:
 # -----------------------------------------------------------------------------
 # The prompt sampler GRPO uses; both arms draw from the same train pool and differ only in mode.
 
+SAMPLER_MODES = ("density", "uniform", "shuffled")
+SHUFFLE_SEED = 0  # the "shuffled" control's permutation: fixed, the same whatever the run's seed
+
+
 class PromptSampler:
     """
-    Draws prompt ids with replacement: by weight (mode "density") or uniformly (mode "uniform").
+    Draws prompt ids with replacement: by weight (mode "density"), uniformly ("uniform"), or by
+    the same weights permuted across the prompts by a fixed permutation ("shuffled": the same
+    weights and Kish ESS as "density", with no density information; the sampler's control).
     sample(n, step) depends only on (seed, step), so every rank draws the same ids and a resumed
     run redraws the batches it would have drawn.
     """
 
     def __init__(self, ids: list[str], weights=None, seed: int = 0, mode: str = "density"):
-        if mode not in ("density", "uniform"):
-            raise ValueError(f"mode must be 'density' or 'uniform', got {mode!r}")
+        if mode not in SAMPLER_MODES:
+            raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
         if not ids or seed < 0:
             raise ValueError(f"PromptSampler needs at least one prompt id and a seed >= 0 (got {len(ids)} ids, seed {seed})")
         self.ids, self.seed, self.mode = list(ids), int(seed), mode
-        self.probs = None
-        if mode == "density":
+        self.probs = None  # None: uniform
+        if mode != "uniform":
             if weights is None:
-                raise ValueError("mode 'density' needs weights")
+                raise ValueError(f"mode {mode!r} needs weights")
             w = np.asarray(weights, dtype=np.float64)
             if w.shape != (len(self.ids),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
                 raise ValueError("weights must be finite, >= 0, one per id, and not all zero")
+            if mode == "shuffled":
+                w = w[np.random.default_rng(SHUFFLE_SEED).permutation(len(w))]
             self.probs = w / w.sum()
 
     def sample(self, n: int, step: int) -> list[str]:
         if n < 0 or step < 0:
             raise ValueError(f"n and step must be >= 0, got n={n}, step={step}")
         rng = np.random.default_rng([self.seed, step])
-        if self.mode == "uniform":
+        if self.probs is None:
             picks = rng.integers(0, len(self.ids), size=n)
         else:
             picks = rng.choice(len(self.ids), size=n, replace=True, p=self.probs)

@@ -4,8 +4,8 @@ of each sequence, pooled in float32 and L2-normalised.
 
     vectors = masked_mean_embeddings(model, sequences, pooled, batch_size=32, device="cuda")
 
-scripts.kat_embed pools the text tokens of each prompt; scripts.eval_diversity the tokens of each
-response after <|bos|>. Both go through this one function.
+scripts.kat_embed pools the text tokens of each prompt; scripts.eval_diversity and GRPO's trajectory
+evaluation the tokens of each response after <|bos|> (response_embeddings). All go through this one function.
 """
 
 import numpy as np
@@ -48,3 +48,11 @@ def masked_mean_embeddings(model, sequences: list[list[int]], pooled: list[list[
         mean = summed / mask.sum(dim=1, keepdim=True)
         out[start:start + len(batch)] = F.normalize(mean, dim=-1).cpu().numpy()
     return out
+
+
+def response_embeddings(model, bos: int, responses: list[list[int]], batch_size: int, device) -> np.ndarray:
+    """[len(responses), D] unit rows: final hidden states averaged over the response tokens after <|bos|>
+    (the first sequence_len - 1 of them); an empty response keeps the <|bos|> state."""
+    sequences = [[bos] + r[:model.config.sequence_len - 1] for r in responses]
+    pooled = [[len(seq) == 1] + [True] * (len(seq) - 1) for seq in sequences]
+    return masked_mean_embeddings(model, sequences, pooled, batch_size, device, pad_id=bos)

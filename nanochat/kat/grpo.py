@@ -1,68 +1,27 @@
 """
-GRPO's maths for the KAT experiment (scripts/grpo.py): the sampling policy's per-token
-statistics, the clipped policy-gradient term and the KL estimate to the reference.
-Shared policy-gradient pieces (sequence_logprobs, group_advantages) live in nanochat/rl.py.
+GRPO's maths for the KAT experiment (scripts/grpo.py): the objective's choices, the step's
+rewards and advantages, and the gradient pass.
+
+    objective = Objective(adv_norm="none", kl="seq_reward", beta=0.1, clip_eps=0.2, truncation_penalty=1.0)
+    plan = prepare_update(model, reference, prompts, completions, masks, scores, finished, 8, objective, ...)
+    stats = gradient_pass(model, plan, objective, old_logprobs=None)     # then clip and step
+
+--kl=token_k3 adds beta * k3 per token to the loss: an estimate of KL(pi || ref) whose gradient
+on-policy is that of KL(ref || pi). --kl=seq_reward subtracts beta * sum_t (log pi - log ref) (k1)
+from each completion's reward: the REINFORCE gradient of KL(pi || ref), optimum ref * exp(r / beta).
+Shared policy-gradient pieces (token layout, log-probs, group_advantages) live in nanochat/rl.py.
 """
+
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
-from nanochat.rl import group_advantages
+from nanochat.rl import CompletionBatch, TokenLayout, completion_batches, completion_logprobs, group_advantages, \
+    layout_logprobs
 
-# logits alive at once in sampled_token_stats (0.5 GB per fp32 temporary), as in nanochat/lm_loss.py
-STATS_CHUNK_LOGITS = 2 ** 27
-
-
-@torch.no_grad()
-def sampled_token_stats(model, prompt_ids_list, completion_ids_list, device, sampled_masks=None,
-                        pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """
-    (logprobs, entropy, mask), each (N, C) as sequence_logprobs lays them out: the log-probability
-    of each completion token, the entropy (nats) of the model's whole next-token distribution at
-    that position, and the mask of counted tokens (entries off the mask are 0). Never builds a
-    graph: it is for the sampling policy, whose numbers are constants of the update.
-
-    Unlike sequence_logprobs this needs full distributions, so it projects only the completion
-    positions through lm_head, a few rows at a time (at most STATS_CHUNK_LOGITS logits at once).
-    """
-    if len(prompt_ids_list) != len(completion_ids_list) or not prompt_ids_list:
-        raise ValueError(f"need one completion per prompt and at least one pair, got {len(prompt_ids_list)} prompts "
-                         f"and {len(completion_ids_list)} completions")
-    if any(len(p) == 0 for p in prompt_ids_list):
-        raise ValueError("every prompt needs at least one token: the first completion token is predicted from it")
-    if sampled_masks is not None and (len(sampled_masks) != len(completion_ids_list) or
-                                      any(len(m) != len(c) for m, c in zip(sampled_masks, completion_ids_list))):
-        raise ValueError("sampled_masks must hold one mask per completion, each as long as its completion")
-
-    num_rows = len(prompt_ids_list)
-    prompt_lens = torch.tensor([len(p) for p in prompt_ids_list])
-    completion_lens = torch.tensor([len(c) for c in completion_ids_list])
-    longest_completion = int(completion_lens.max())
-    width = max(1, int((prompt_lens + completion_lens).max()) - 1)  # inputs predict the next token
-    inputs = torch.full((num_rows, width), pad_token_id, dtype=torch.long)
-    targets = torch.zeros((num_rows, longest_completion), dtype=torch.long)
-    mask = torch.zeros((num_rows, longest_completion), dtype=torch.bool)
-    for row, (prompt, completion) in enumerate(zip(prompt_ids_list, completion_ids_list)):
-        sequence = list(prompt) + list(completion)
-        inputs[row, :len(sequence) - 1] = torch.tensor(sequence[:-1], dtype=torch.long)
-        if completion:
-            targets[row, :len(completion)] = torch.tensor(completion, dtype=torch.long)
-            row_mask = sampled_masks[row] if sampled_masks is not None else [1] * len(completion)
-            mask[row, :len(completion)] = torch.tensor(row_mask, dtype=torch.bool)
-    inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
-
-    hidden = model.forward_hidden(inputs)  # (N, width, D)
-    # right-padded rows: position len(prompt) - 1 + k predicts completion[k]
-    positions = (prompt_lens[:, None] - 1 + torch.arange(longest_completion)[None, :]).clamp(max=width - 1).to(device)
-    completion_hidden = hidden.gather(1, positions[:, :, None].expand(-1, -1, hidden.size(-1)))  # (N, C, D)
-    logprobs = torch.zeros((num_rows, longest_completion), dtype=torch.float32, device=device)
-    entropy = torch.zeros_like(logprobs)
-    rows_per_chunk = max(1, STATS_CHUNK_LOGITS // (max(1, longest_completion) * model.config.vocab_size))
-    for start in range(0, num_rows, rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        log_p = torch.log_softmax(model.logits_from_hidden(completion_hidden[rows]), dim=-1)  # (n, C, V) fp32
-        logprobs[rows] = log_p.gather(-1, targets[rows, :, None]).squeeze(-1)
-        entropy[rows] = -(log_p.exp() * log_p).sum(dim=-1)
-    return logprobs * mask, entropy * mask, mask
+ADV_NORMS = ("none", "group", "batch")
+KL_MODES = ("seq_reward", "token_k3")
 
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -100,10 +59,6 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 # The objective's choices (scripts/grpo.py --adv_norm, --kl): how advantages are scaled, and
 # where the KL to the reference enters
 
-ADV_NORMS = ("none", "group", "batch")
-KL_MODES = ("seq_reward", "token_k3")
-
-
 def grpo_advantages(rewards: torch.Tensor, norm: str, batch_moments=None, eps: float = 1e-6) -> torch.Tensor:
     """
     Advantages (P, G) from rewards (P, G), each centred on its group's mean, then scaled by
@@ -136,3 +91,123 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
     pi* ~ ref * exp(reward / beta) (the usual RLHF KL-regularised one).
     """
     return ((logprobs - ref_logprobs) * mask).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a GRPO step optimises: scripts/grpo.py's --adv_norm, --kl, --beta, --clip_eps, --truncation_penalty."""
+    adv_norm: str
+    kl: str
+    beta: float
+    clip_eps: float
+    truncation_penalty: float
+
+    def __post_init__(self):
+        if self.adv_norm not in ADV_NORMS or self.kl not in KL_MODES:
+            raise ValueError(f"need adv_norm in {ADV_NORMS} and kl in {KL_MODES}, got {self.adv_norm!r}, {self.kl!r}")
+        if self.beta < 0 or self.clip_eps <= 0 or self.truncation_penalty < 0:
+            raise ValueError(f"need beta >= 0, clip_eps > 0, truncation_penalty >= 0; got {self}")
+
+
+def step_rewards(scores: torch.Tensor, finished: torch.Tensor, objective: Objective,
+                 sequence_kl: torch.Tensor | None) -> torch.Tensor:
+    """
+    What the advantages are computed from (R,): the RM score, minus truncation_penalty where the
+    completion was cut at max_new_tokens (it was scored as if it ended there), minus beta times
+    the sampling policy's sequence KL (k1, sum over tokens of log pi - log ref) with --kl=seq_reward.
+    """
+    rewards = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    rewards = rewards - objective.truncation_penalty * (~finished).to(rewards.dtype)
+    if objective.kl == "seq_reward":
+        if sequence_kl is None:
+            raise ValueError("--kl=seq_reward needs the sampling policy's sequence KL")
+        rewards = rewards - objective.beta * sequence_kl
+    return rewards
+
+
+# -----------------------------------------------------------------------------
+# One step's update: everything the gradient passes need, then the passes
+
+@dataclass
+class UpdatePlan:
+    """One step's rollouts ready for the gradient passes (all per-token tensors in layout's order)."""
+    batches: list[CompletionBatch]  # micro-batches of the gradient pass
+    layout: TokenLayout
+    ref_logprobs: torch.Tensor  # (T,) the frozen reference's
+    sampling_logprobs: torch.Tensor | None  # (T,) the sampling policy's, when a no-grad pass computed them
+    rewards: torch.Tensor  # (R,) what the advantages were computed from: score - truncation penalty [- beta * KL]
+    advantages: torch.Tensor  # (R,)
+    loss_scale: float  # world_size / counted tokens over all ranks: the loss is a per-token mean over the step
+
+
+def _identity(tensor):
+    return tensor
+
+
+def prepare_update(model, reference, prompts, completions, masks, scores: torch.Tensor, finished: torch.Tensor,
+                   group_size: int, objective: Objective, *, update_tokens: int, nograd_tokens: int,
+                   need_sampling_logprobs: bool, autocast=None, all_reduce=_identity, world_size: int = 1) -> UpdatePlan:
+    """
+    rows prompt-major (group_size completions per prompt); scores (R,) from the reward model,
+    finished (R,) bool. One no-grad pass each for the reference and (when need_sampling_logprobs,
+    or --kl=seq_reward needs them for the reward) the sampling policy, in batches of nograd_tokens;
+    then rewards and advantages. all_reduce sums a tensor over ranks in place and returns it.
+    """
+    autocast = autocast or nullcontext()
+    device = scores.device
+    batches, layout = completion_batches(prompts, completions, device, masks, token_budget=update_tokens)
+    nograd_batches, _ = completion_batches(prompts, completions, device, masks, token_budget=nograd_tokens)
+    with autocast:
+        ref_logprobs, _ = layout_logprobs(reference, nograd_batches, layout)
+        sampling_logprobs = None
+        if need_sampling_logprobs or objective.kl == "seq_reward":
+            sampling_logprobs, _ = layout_logprobs(model, nograd_batches, layout)
+    sequence_kl = layout.per_row_sum(sampling_logprobs - ref_logprobs) if sampling_logprobs is not None else None
+    rewards = step_rewards(scores, finished, objective, sequence_kl)
+    advantages = grpo_advantages(rewards.view(-1, group_size), objective.adv_norm, batch_moments=all_reduce).flatten()
+    num_tokens = all_reduce(torch.tensor(float(layout.rows.numel()), dtype=torch.float64, device=device)).item()
+    # each rank's gradient is a sum over its tokens / the step's token count; the distributed
+    # optimizer averages over ranks, hence the factor world_size
+    return UpdatePlan(batches=batches, layout=layout, ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs,
+                      rewards=rewards, advantages=advantages, loss_scale=world_size / max(num_tokens, 1.0))
+
+
+# what gradient_pass returns, summed over tokens: the loss terms first, then what it measures
+GRADIENT_PASS_SUMS = ("pg", "k3", "clipped", "log_ratio", "entropy", "entropy_tokens")
+# the entropy is measured at positions 0, 4, 8, ... of every completion: a systematic sample over
+# rows and positions, the same however rows are batched or split across ranks, that costs a
+# quarter of a full extra lm_head product
+ENTROPY_SAMPLE_EVERY = 4
+
+
+def gradient_pass(model, plan: UpdatePlan, objective: Objective, old_logprobs: torch.Tensor | None,
+                  entropy_every: int = ENTROPY_SAMPLE_EVERY, autocast=None, forward_hidden=None) -> torch.Tensor:
+    """
+    Accumulate into .grad the gradient of the step's loss: the mean over every counted token of
+    every rank of [-min(r A, clip(r, 1 - eps, 1 + eps) A) + (beta * k3 with --kl=token_k3)],
+    r = pi / pi_old (token-level, as DAPO and chat_rl: long answers are not down-weighted).
+    old_logprobs None: the policy has not moved since sampling, so pi_old is pi itself, detached
+    (r is exactly 1). Returns float64 sums over this rank's tokens, in GRADIENT_PASS_SUMS order:
+    the policy-gradient term, k3, clipped tokens, log pi - log ref, and the policy's entropy at
+    completion positions 0, k, 2k, ... (k = entropy_every; 0: none) with the number of those tokens.
+    forward_hidden: a compiled model.forward_hidden to use instead of the model's own.
+    """
+    autocast = autocast or nullcontext()
+    sums = torch.zeros(len(GRADIENT_PASS_SUMS), dtype=torch.float64, device=plan.ref_logprobs.device)
+    for batch in plan.batches:
+        entropy_at = None
+        if entropy_every:
+            entropy_at = torch.nonzero(plan.layout.columns[batch.token_index] % entropy_every == 0).squeeze(1)
+        with autocast:
+            logprobs, entropy = completion_logprobs(model, batch, entropy_at, forward_hidden)
+        old = logprobs.detach() if old_logprobs is None else old_logprobs[batch.token_index]
+        ref = plan.ref_logprobs[batch.token_index]
+        advantages = plan.advantages[plan.layout.rows[batch.token_index]]
+        pg, clipped = clipped_policy_loss(logprobs, old, advantages, objective.clip_eps)
+        k3 = k3_kl(logprobs, ref)
+        per_token = pg + objective.beta * k3 if objective.kl == "token_k3" else pg
+        (per_token.sum() * plan.loss_scale).backward()
+        entropy = entropy if entropy is not None else logprobs.new_zeros(0)
+        sums += torch.stack([pg.detach().sum(), k3.detach().sum(), clipped.sum(), (logprobs.detach() - ref).sum(),
+                             entropy.sum(), torch.tensor(entropy.numel(), device=sums.device)]).double()
+    return sums
