@@ -270,6 +270,7 @@ def _ddp_worker(rank, world_size, port, flags, env_dirs):
     grpo.main(flags)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_same_policy_as_one_process(env, tmp_path):
     import socket
 
