@@ -14,6 +14,8 @@ the dev prompts are sampled and scored by the RM and the independent judge (neve
 of trajectory.jsonl and a weights-only checkpoint in traj/ (nanochat/kat/trajectory.py). Each logged
 metric is described where it is logged. Writes out_dir (ckpt.pt, ckpt_<step>.pt, config.json,
 training_log.txt, logs/, trajectory.jsonl, traj/, draws.json) and the report section; --resume=true continues.
+--plant_marker adds the controls' rule reward (nanochat/kat/controls.py): a bonus for completions holding a
+marker, on the prompts of one density quintile; its base rate on the starting policy is measured first.
 """
 
 import json
@@ -22,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -31,6 +34,7 @@ from nanochat.common import (atomic_write, autocast_context, compute_cleanup, co
                              stage_dir, synchronize)
 from nanochat.engine import Engine, row_seed
 from nanochat.flags import flags_dict, opt, parse_flags
+from nanochat.kat.controls import PlantedReward, choose_marker, planted_prompt_ids, pooled_within_std
 from nanochat.kat.data import KatData
 from nanochat.kat.density import kish_ess
 from nanochat.kat.embed import response_embeddings
@@ -46,6 +50,7 @@ from nanochat.schedules import lr_multiplier
 
 STAGES = {"density": "grpo_density", "uniform": "grpo_baseline", "shuffled": "grpo_shuffled"}
 EVAL_STREAM = -1  # the engine-seed "step" of evaluations; training steps are >= 0, so they never collide
+PLANT_PROBE_STREAM = -2  # the engine-seed "step" of the planted marker's base-rate probe
 TRAJECTORY_SEED = 0  # evaluation seeds ignore --seed: every run, arm and seed index samples the dev prompts alike
 DEFAULT_JUDGE, DEFAULT_TRAJ_EVERY, DEFAULT_TRAJ_PROMPTS = "rm_judge", 250, 128
 
@@ -119,6 +124,20 @@ class Config:
     keep_checkpoints: int = opt(2, help="intermediate checkpoints kept (the final ckpt.pt always is)", min=1)
     resume: bool = opt(False, help="continue from the newest checkpoint in the output folder")
     log_every: int = opt(1, help="print and log every this many steps", min=1)
+    # the controls' planted rule reward (nanochat/kat/controls.py); empty --plant_marker: none
+    plant_marker: str = opt("", help="completions containing this text earn --plant_bonus on the planted prompts; "
+                                     "'auto': the candidate whose base rate on the starting policy is nearest 25%")
+    plant_bonus: float = opt(1.0, help="the bonus, in units of the policy RM's score spread among one prompt's "
+                                       "samples of the starting policy (pooled over the probe prompts)", min=0)
+    plant_quintile: int = opt(1, help="the planted prompts: train prompts of this density quintile (1 = rarest); "
+                                      "0: every quintile", min=0, max=5)
+    plant_fraction: float = opt(1.0, help="of those, this fraction (a fixed pick by a hash of the id; the tic "
+                                          "control's dose)", min=0, max=1)
+    plant_min_rate: float = opt(0.02, help="refuse to start when the starting policy writes the marker in fewer of "
+                                           "its probe completions: GRPO could not amplify it", min=0, max=1)
+    plant_max_rate: float = opt(0.8, help="... or in more: the marker would have no room to rise", min=0, max=1)
+    plant_probe_prompts: int = opt(64, help="planted-quintile prompts sampled to measure the base rate", min=2)
+    plant_probe_samples: int = opt(8, help="samples per probe prompt (at T=1, fixed seeds)", min=2)
 
 
 def _alias(name: str, value, alias: str, from_alias, default):
@@ -229,6 +248,45 @@ def score_rollouts(reward_model, rollouts: dict, token_budget: int) -> list[floa
         for row, score in zip(rows, reward_model.score([pairs[r] for r in rows], batch_size=len(rows))):
             scores[row] = score
     return scores
+
+
+@torch.no_grad()
+def planted_reward(cfg: Config, reference, tokenizer, reward_model, train_prompts: dict, quintile_of: dict, autocast):
+    """
+    (the planted rule reward, its record for config.json), or (None, None) without --plant_marker.
+    The starting policy (the frozen reference, so a resumed run measures the same) samples up to
+    --plant_probe_prompts prompts of the planted quintile with fixed seeds; the marker's share of those
+    completions is its base rate (refused outside [--plant_min_rate, --plant_max_rate]), and the RM's
+    spread among a prompt's samples sets the bonus's scale. Every rank computes it; rank 0's is kept.
+    """
+    if not cfg.plant_marker:
+        return None, None
+    pool = sorted(pid for pid, q in quintile_of.items() if cfg.plant_quintile in (0, q))
+    probe_ids = [pool[i] for i in sorted(np.random.default_rng(0).permutation(len(pool))[:cfg.plant_probe_prompts])]
+    with autocast:
+        probe = sample_groups(Engine(reference, tokenizer), tokenizer, [train_prompts[pid]["prefix"] for pid in probe_ids],
+                              cfg.plant_probe_samples, cfg, TRAJECTORY_SEED, PLANT_PROBE_STREAM, first_position=0)
+    try:
+        marker, rates = choose_marker(probe["texts"], cfg.plant_marker, cfg.plant_min_rate, cfg.plant_max_rate)
+    except ValueError as err:
+        raise SystemExit(f"GRPO refuses to start: {err}") from None
+    spread = pooled_within_std(np.reshape(score_rollouts(reward_model, probe, cfg.rm_tokens), (len(probe_ids), -1)))
+    if not spread > 0:
+        raise SystemExit(f"GRPO refuses to start: the policy RM scores every probe sample of a prompt alike (spread "
+                         f"{spread}), so --plant_bonus (in units of that spread) would be 0")
+    record = {"marker": marker, "requested": cfg.plant_marker, "bonus": cfg.plant_bonus, "rm_spread": spread,
+              "bonus_abs": cfg.plant_bonus * spread, "quintile": cfg.plant_quintile, "fraction": cfg.plant_fraction,
+              "quintile_prompts": len(pool), "base_rate": rates[marker], "candidate_rates": rates,
+              "probe_prompts": len(probe_ids), "probe_samples": cfg.plant_probe_samples}
+    if dist.is_initialized():
+        shared = [record]
+        dist.broadcast_object_list(shared, src=0)
+        record = shared[0]
+    planted = planted_prompt_ids(quintile_of, cfg.plant_quintile, cfg.plant_fraction)
+    record["planted_prompts"] = len(planted)
+    print0(f"planted reward: +{record['bonus_abs']:.4g} ({cfg.plant_bonus:g} x RM spread {spread:.4g}) for {marker!r} on "
+           f"{len(planted)} train prompts; base rate {record['base_rate']:.1%} of {len(probe['texts'])} probe completions")
+    return PlantedReward(marker=marker, bonus=record["bonus_abs"], prompt_ids=planted), record
 
 
 # -----------------------------------------------------------------------------
@@ -406,6 +464,8 @@ def main(argv=None, reward_model=None):
     print0(f"GRPO ({mode} prompt sampling) from {source_path}: {model.config} | reward model {rm_source} | judge {judge_source}")
 
     sampler, train_prompts, dev_prompts, weights_meta = load_prompt_pool(data, cfg.density_k, cfg.seed, mode)
+    quintile_of = data.density_quintiles(sorted(train_prompts))
+    plant, plant_meta = planted_reward(cfg, reference, tokenizer, reward_model, train_prompts, quintile_of, autocast)
     dev_prefixes = [p["prefix"] for p in dev_prompts[:cfg.traj_prompts]]
     sampler_ess = kish_ess(sampler.probs) if sampler.probs is not None else float(len(sampler.ids))
     print0(f"{len(sampler.ids):,} train prompts (sampler ESS {sampler_ess:,.1f}) | {len(dev_prefixes)} dev prompts x "
@@ -423,6 +483,8 @@ def main(argv=None, reward_model=None):
             "sampler": {"mode": mode, "train_prompts": len(sampler.ids), "kish_ess": sampler_ess,
                         "density_k": weights_meta["flags"]["k"], "density_beta": weights_meta["flags"].get("beta"),
                         "weights_file": str(data.weights_file)}}
+    if plant_meta is not None:
+        meta["plant"] = plant_meta
     step, _, extra, resumed_step = start_or_resume(out_dir, cfg.resume, model, optimizers, device,
                                                   num_iterations=cfg.max_steps)
     logger = RunLogger(out_dir, run=cfg.run, config=meta, enabled=master, start_step=step)
@@ -431,7 +493,6 @@ def main(argv=None, reward_model=None):
     if master:
         trajectory.keep_before(step)  # rows a killed run wrote past its last checkpoint are recomputed
     source_of = {pid: p["src"] for pid, p in train_prompts.items()}
-    quintile_of = data.density_quintiles(sorted(train_prompts))
     draws = DrawCounts(source_of, quintile_of)
     for past in range(step):  # the draws are a function of the step, so a resume recounts them exactly
         draws.add(sampler.sample(cfg.prompts_per_step, past))
@@ -480,6 +541,12 @@ def main(argv=None, reward_model=None):
         t1 = time.time()
         # ---- reward model scores
         scores = torch.tensor(score_rollouts(reward_model, rollouts, cfg.rm_tokens), dtype=torch.float32, device=device)
+        row_ids = [pid for pid in my_ids for _ in range(cfg.samples_per_prompt)]
+        planted = torch.tensor([plant is not None and pid in plant.prompt_ids for pid in row_ids], device=device)
+        marked = torch.tensor([plant is not None and plant.marker in text for text in rollouts["texts"]], device=device)
+        bonus = torch.tensor(plant.bonuses(row_ids, rollouts["texts"]) if plant else [0.0] * len(row_ids),
+                             dtype=torch.float32, device=device)
+        scores = scores + bonus  # the planted rule term is part of the reward GRPO maximises
         synchronize(device)
         t2 = time.time()
         # ---- the update: no-grad passes, rewards and advantages, gradient pass(es) and optimizer step(s);
@@ -501,8 +568,10 @@ def main(argv=None, reward_model=None):
                              (rewards == rewards[:, :1]).all(dim=1).sum().double(),
                              torch.tensor(float(rewards.size(0)), device=device), lengths.sum(),
                              torch.tensor(float(rollouts["finished"].count(False)), device=device),
-                             scores.double().sum()]).double()
-        reward_sum, reward_sq, count, zero_std, groups, length_sum, truncated, score_sum = all_reduce_sum(stats).tolist()
+                             scores.double().sum(), bonus.double().sum(), planted.sum().double(),
+                             (planted & marked).sum().double()]).double()
+        (reward_sum, reward_sq, count, zero_std, groups, length_sum, truncated, score_sum, bonus_sum, planted_rows,
+         planted_marked) = all_reduce_sum(stats).tolist()
         reward_mean = reward_sum / count
         reward_std = math.sqrt(max(reward_sq / count - reward_mean ** 2, 0.0))
         dt = t3 - t0
@@ -522,10 +591,11 @@ def main(argv=None, reward_model=None):
                 # "kl"); kl_penalty: beta * kl_seq, what --kl=seq_reward takes off the reward (else 0)
                 "train/kl": update["kl"], "train/kl_seq": update["kl_seq"], "train/kl_penalty": update["kl_penalty"],
                 "train/lr": cfg.learning_rate * lrm, "train/lrm": lrm,
-                # over the step's completions: rm_score the RM's score; reward = rm_score - truncation penalty;
+                # over the step's completions: rm_score the RM's score; reward = rm_score (+ the planted bonus)
+                # - truncation penalty;
                 # objective_reward = what the advantages came from (reward, minus the KL with seq_reward);
                 # zero_std_frac: groups whose rewards are all equal (no signal without a KL in the reward)
-                "train/rm_score_mean": score_sum / count, "train/reward_mean": reward_mean,
+                "train/rm_score_mean": (score_sum - bonus_sum) / count, "train/reward_mean": reward_mean,
                 "train/reward_std": reward_std, "train/objective_reward_mean": update["objective_reward"],
                 "train/zero_std_frac": zero_std / groups,
                 # entropy (nats) of the sampling policy's next-token distribution at counted completion tokens,
@@ -544,6 +614,9 @@ def main(argv=None, reward_model=None):
                 "train/time_rollout": t1 - t0, "train/time_score": t2 - t1, "train/time_update": t3 - t2,
                 "train/dt": dt, "train/rollout_tok_per_s": length_sum / max(t1 - t0, 1e-9),  # generated, all ranks
             }
+            if plant is not None:  # the planted bonus per completion; the marker's share of the planted prompts' completions
+                metrics["train/plant_bonus_mean"] = bonus_sum / count
+                metrics["train/plant_marker_rate"] = planted_marked / planted_rows if planted_rows else math.nan
             if update["grad_norm"] is not None:  # the last inner epoch's synchronised gradient, before clipping
                 metrics["train/grad_norm"] = update["grad_norm"]
             logger.log(step, metrics)
@@ -553,6 +626,8 @@ def main(argv=None, reward_model=None):
         "Source": str(source_path), "Reward model": rm_source, "Judge": judge_source, "Prompt sampling": mode,
         "Objective": f"adv_norm={cfg.adv_norm}, kl={cfg.kl}, beta={cfg.beta}, lr={cfg.learning_rate}, "
                      f"truncation_penalty={cfg.truncation_penalty}",
+        "Planted reward": (f"+{plant_meta['bonus_abs']:.4g} for {plant_meta['marker']!r} on {plant_meta['planted_prompts']} "
+                           f"prompts (base rate {plant_meta['base_rate']:.1%})" if plant_meta else "none"),
         "Train prompts": len(sampler.ids), "Sampler Kish ESS": sampler_ess, "Steps": cfg.max_steps,
         "Prompts per step": cfg.prompts_per_step, "Samples per prompt": cfg.samples_per_prompt,
         "DDP world size": world_size, "Distinct prompts drawn": len(draws.counts), "Kish ESS of prompts drawn": draws.ess(),
