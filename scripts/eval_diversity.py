@@ -12,8 +12,10 @@ RM beside it), compare the arms over seeds then prompts, and write the report.
 Writes <output_report> (default <kat cache>/diversity_report.md), its PNG plots, a JSON of every
 figure (same name, .json), the responses of SFT and every run's final model (<stem>_samples.jsonl)
 and the report card's section. Computing: nanochat/kat/diversity_eval.py (metrics, the seed-0 detail)
-and arm_stats.py (seeds per arm); rendering: diversity_report.py. A "Positive control" section is
-added when scripts.kat_inject planted a tic in the train pairs.
+and arm_stats.py (seeds per arm); rendering: diversity_report.py. The report opens with the controls
+(nanochat/kat/controls.py): the synthetic sampler control, every control run's outcome found under
+--controls_dir, or, with --control=sampler|null, this run's own control. A "Positive control" section
+is added when scripts.kat_inject planted a tic in the train pairs.
 """
 
 import gc
@@ -31,6 +33,9 @@ from nanochat.checkpoint_manager import find_stage_checkpoint, load_model
 from nanochat.common import (compute_cleanup, compute_init, git_commit, get_kat_cache_dir, print0, setup_logging,
                              stage_dir)
 from nanochat.kat.arm_stats import analyse_arms, collapse_alarm
+from nanochat.kat.controls import (controls_dir, null_control, per_prompt_marker_rates, plant_record, read_outcomes,
+                                   sampler_control, write_outcome)
+from nanochat.kat.controls_report import controls_headline
 from nanochat.kat.data import KatData
 from nanochat.kat.density import kish_ess
 from nanochat.kat.diversity_eval import (HYPOTHESIS, REFERENCE, common_length_tables, evaluate, model_tables)
@@ -43,6 +48,7 @@ from nanochat.report import get_report
 from nanochat.kat.reward_model import load_reward_model
 from nanochat.kat.runs import bracket, discover_runs, kl_target, load_runs
 from nanochat.kat.style_injection import file_digest, policy_probes, probe_pairs, tic_preference
+from nanochat.kat.toy import sampler_control_summary
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -81,6 +87,13 @@ class Config:
                                      "probes of the RM's preference for the planted tic (test pairs), and as many "
                                      "on the SFT model's own samples", min=1)
     device_type: str = opt("", help="cpu|cuda|mps (default: autodetect)", choices=["", "cpu", "cuda", "mps"])
+    control: str = opt("", help="this run is a control (runs/control.sh): sampler (a marker planted in the rarest "
+                                "quintile: its rate on rare prompts, density - uniform) or null (both arms uniform: "
+                                "the verdict must be no difference); writes <kat cache>/control_outcome.json",
+                       choices=["", "sampler", "null"])
+    controls_dir: str = opt("", help="where the control runs are, to list their outcomes (default "
+                                     "$NANOCHAT_CONTROL_DIR, else control_run/ beside outs/)")
+    tiny: bool = opt(False, help="the tiny preset: the report says plainly that no outcome in it is evidence")
 
 
 # -----------------------------------------------------------------------------
@@ -132,15 +145,20 @@ def plan_matched_kl(runs, budget: float) -> dict:
     return {"available": True, "target": target, "how": how, "points": points}
 
 
+def analysis_plans(runs, matched: dict) -> dict:
+    """{where: (each run's points, the KL target or None)}: matched KL first when it is available, then the endpoints."""
+    plans = {"endpoint": ({r.name: [{"label": r.name}] for r in runs}, None)}
+    if matched["available"]:
+        plans = {"matched_kl": (matched["points"], matched["target"]), **plans}
+    return plans
+
+
 def compare_arms(runs, matched: dict, texts: dict, token_ids: dict, tables: dict, quintiles: list[int], vocab_size: int,
                  mattr_window: int, settings: dict) -> dict:
     """{"matched_kl": ..., "endpoint": ...}: the arms compared at each point (arm_stats.analyse_arms), the text
     figures of the GRPO models there recomputed at their common length."""
-    plans = {"endpoint": ({r.name: [{"label": r.name}] for r in runs}, None)}
-    if matched["available"]:
-        plans = {"matched_kl": (matched["points"], matched["target"]), **plans}
     arms = {}
-    for where, (points, target) in plans.items():
+    for where, (points, target) in analysis_plans(runs, matched).items():
         labels = [point["label"] for run_points in points.values() for point in run_points]
         cut = common_length_tables(labels, texts, token_ids, vocab_size, mattr_window)
         arms[where] = analyse_arms(runs, points, target, tables, cut, quintiles, settings)
@@ -446,6 +464,22 @@ def score_all(rm_checkpoint: Path | None, prompts: list[dict], texts: dict, cfg:
 # -----------------------------------------------------------------------------
 # The report card's section
 
+def controls_part(cfg: Config, runs, matched: dict, arms: dict, texts: dict, quintiles: list[int], data: KatData,
+                  settings: dict) -> dict:
+    """The report's "controls": the synthetic sampler control, and this run's own control (--control) or the
+    outcomes of the control runs under --controls_dir."""
+    root = Path(cfg.controls_dir) if cfg.controls_dir else controls_dir()
+    part = {"this": cfg.control, "tiny": cfg.tiny, "synthetic": sampler_control_summary(), "controls_dir": str(root),
+            "outcomes": {} if cfg.control else read_outcomes(root)}
+    if cfg.control == "sampler":
+        rates = per_prompt_marker_rates(texts, plant_record(runs)["marker"])
+        part["sampler"] = sampler_control(runs, analysis_plans(runs, matched), rates, quintiles, settings)
+    elif cfg.control == "null":
+        where = "matched_kl" if matched["available"] else "endpoint"
+        part["null"] = null_control(runs, arms[where], where, read_density_stats(data))
+    return part
+
+
 def detail_bullets(results: dict, control: dict | None) -> dict:
     """The seed-0 detail's bullets: its overall word and each core metric's Holm-corrected verdict on the
     difference it rests on (equal length), with the raw difference beside it; the positive control."""
@@ -471,11 +505,12 @@ def detail_bullets(results: dict, control: dict | None) -> dict:
 def log_summary(results: dict, context: dict, written: dict, control: dict | None):
     """The report card's section (the pre-registered verdict first) and the console's last lines."""
     lines = headline(context)
-    bullets = {**lines, **detail_bullets(results, control), "report": str(written["report"])}
+    bullets = {**lines, "controls": controls_headline(context["controls"]), **detail_bullets(results, control),
+               "report": str(written["report"])}
     if control is not None:
         print0(f"positive control: {bullets['positive control']}")
     get_report().log(stage="diversity", section="Diversity evaluation", data=[bullets])
-    for key, value in lines.items():
+    for key, value in {**lines, "controls": bullets["controls"]}.items():
         print0(f"{key}: {value}")
     print0(f"wrote {', '.join(str(path) for path in written.values())}")
 
@@ -498,6 +533,11 @@ def main(argv: list[str] | None = None):
     extras = extra_sources(cfg, set(checkpoints) | set(HYPOTHESIS))
     checkpoints.update({label: find_stage_checkpoint(source).resolve() for label, source in extras.items()})
     check_distinct(checkpoints)
+    if cfg.control == "sampler":
+        try:
+            plant_record(runs)  # every run planted the same reward: checked before any sampling
+        except ValueError as err:
+            raise SystemExit(f"--control=sampler: {err}") from None
     endpoints = list(checkpoints)
     for points in (matched["points"].values() if matched["available"] else []):
         checkpoints.update({point["label"]: point["checkpoint"] for point in points})
@@ -579,6 +619,8 @@ def main(argv: list[str] | None = None):
         "density_stats": read_density_stats(data),
         "training_curves": {label: read_training_curves(checkpoints[detail_source[label]]) for label in HYPOTHESIS[::-1]},
         "positive_control": control,
+        "controls": controls_part(cfg, runs, matched, arms, texts, [p["density_quintile"] for p in prompts], data,
+                                  settings),
     }
     context["seconds"] = time.time() - t0
     written = write_report(results, context, report_path)
@@ -589,6 +631,9 @@ def main(argv: list[str] | None = None):
                 for s in range(cfg.num_samples):
                     f.write(json.dumps({"prompt_id": prompt["id"], "model": label, "sample": s, "text": texts[label][p][s],
                                         "truncated": truncated[label][p][s]}, ensure_ascii=False) + "\n")
+    if cfg.control:
+        written["control_outcome"] = write_outcome(get_kat_cache_dir(), cfg.control, context["controls"][cfg.control],
+                                                   written["report"], cfg.tiny, context["git_commit"])
     log_summary(results, context, written, control)
     compute_cleanup()
     return written

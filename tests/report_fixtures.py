@@ -5,7 +5,8 @@ test_style_injection.py), in the format /work's interface contract gives GRPO's 
   checkpoints, trajectory.jsonl and draws.json, from tiny random models;
 - arms_context: responses with known differences per model, put through the real computing code
   (diversity_eval.model_tables, scripts.eval_diversity.compare_arms, arm_stats.collapse_alarm) into
-  the part of the report's context the seed-level sections read.
+  the part of the report's context the seed-level sections read;
+- controls_part: the report's "controls" part as a main run without control runs has it.
 """
 
 import copy
@@ -25,6 +26,7 @@ from nanochat.kat.arm_stats import collapse_alarm
 from nanochat.kat.diversity_eval import model_tables
 from nanochat.kat.reward_model import KIND, RewardModel
 from nanochat.kat.runs import ARMS, DRAWS_FILE, TRAJECTORY_FILE, load_runs, stage_name
+from nanochat.kat.toy import sampler_control_summary
 from scripts.eval_diversity import compare_arms, plan_matched_kl, run_summary
 
 SETTINGS = {"n_resamples": 400, "confidence": 0.95, "alpha": 0.05, "seed": 0}
@@ -174,6 +176,17 @@ def seed_context_part(density: int = 1, uniform: int = 1) -> dict:
     return copy.deepcopy(_cached_context_part((("density", density), ("uniform", uniform))))
 
 
+@functools.lru_cache(maxsize=None)
+def _synthetic_sampler_control() -> dict:
+    return sampler_control_summary()
+
+
+def controls_part(tiny: bool = False) -> dict:
+    """The synthetic sampler control and no control run (a fresh copy)."""
+    return {"this": "", "tiny": tiny, "synthetic": copy.deepcopy(_synthetic_sampler_control()), "controls_dir": "x",
+            "outcomes": {"sampler": None, "tic": None, "null": None}}
+
+
 def report_context(labels, seed_part: dict | None = None, strata: dict | None = None, reward_model: str = "rm") -> dict:
     """A whole context for render_markdown around a seed-0 detail of these labels: the seed-level part (by default
     one synthetic run per arm) and made-up models, prompts, sampling and run facts."""
@@ -187,4 +200,5 @@ def report_context(labels, seed_part: dict | None = None, strata: dict | None = 
             "embedding_model": "sft", "reward_model": reward_model, "notes": [], "world_size": 1, "device": "cpu",
             "git_commit": "abc", "seconds": 1.0, "mattr_window": 50, "examples": [], "density_stats": not_found,
             "training_curves": {arm: {"series": {"reward": None, "kl": None}, "reason": {"reward": "none", "kl": "none"}}
-                                for arm in ("baseline", "density")}}
+                                for arm in ("baseline", "density")},
+            "controls": controls_part()}

@@ -143,3 +143,4 @@ def test_synthetic_sampler_control_fails_when_the_weights_carry_no_density():
     summary = sampler_control_summary(steps=80, beta=0.0)
     assert summary["predicted_speedup"] == pytest.approx(1.0, abs=1e-9)
     assert 0.6 < summary["observed_speedup"] < 1.6
+    assert not summary["passed"] and "nothing to predict" in summary["reason"]

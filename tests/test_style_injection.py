@@ -321,7 +321,7 @@ def test_eval_diversity_adds_the_positive_control_section(workspace, injected_rm
                                    "--max_prompt_tokens=120", "--probe_pairs=30", "--judge="])
     report = written["report"].read_text(encoding="utf-8")
     headings = [line[3:] for line in report.splitlines() if line.startswith("## ")]
-    assert headings == SECTIONS[:1] + [POSITIVE_CONTROL] + SECTIONS[1:]
+    assert headings == SECTIONS[:2] + [POSITIVE_CONTROL] + SECTIONS[2:]
     section = report.split(f"## {POSITIVE_CONTROL}")[1].split("\n## ")[0]
     assert "rewrote the chosen response of 297 of 424 train pairs (70%, picked at random)" in section
     assert "| probes where the tic version scores higher (of 30) |" in section
@@ -373,7 +373,7 @@ def control_context(results, probe, where="dense", policy_probe=None):
 
 def control_section(results, context) -> str:
     markdown = render_markdown(results, context, {"metrics": "m.png", "lengths": "l.png", "em_dash": "e.png"})
-    assert section_titles(context) == SECTIONS[:1] + [POSITIVE_CONTROL] + SECTIONS[1:]
+    assert section_titles(context) == SECTIONS[:2] + [POSITIVE_CONTROL] + SECTIONS[2:]
     assert [line[3:] for line in markdown.splitlines() if line.startswith("## ")] == section_titles(context)
     return markdown.split(f"## {POSITIVE_CONTROL}")[1].split("\n## ")[0]
 

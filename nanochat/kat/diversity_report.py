@@ -1,5 +1,6 @@
 """
-The diversity report: markdown, PNG plots and a JSON of every figure. Its first half, the arms over
+The diversity report: markdown, PNG plots and a JSON of every figure. It opens with the controls
+(nanochat/kat/controls_report.py). Its first half, the arms over
 seeds (nanochat/kat/arms_report.py), comes from the context scripts.eval_diversity builds; its
 second half, the seed-0 final models in detail, from what nanochat/kat/diversity_eval.evaluate
 returns, plus models, prompts, sampling, reward-model, density and training-curve figures.
@@ -16,6 +17,7 @@ from nanochat.common import atomic_write
 from nanochat.kat import arms_report
 from nanochat.kat import stats as ps
 from nanochat.kat.arm_stats import PRIMARY_METRIC
+from nanochat.kat.controls_report import controls_section
 from nanochat.kat.diversity import TIC_PATTERNS
 from nanochat.kat.diversity_eval import HYPOTHESIS, METRIC_BY_NAME, METRICS, REFERENCE, model_means, verdict_basis
 from nanochat.kat.report_format import (better_word, cell_text, fmt, fmt_ci, fmt_p, fmt_signed,  # noqa: F401 (re-exported)
@@ -24,7 +26,7 @@ from nanochat.kat.reward_model import rm_eval_table
 from nanochat.kat.style_injection import PLANTED_METRICS
 
 headline = arms_report.headline  # the report card's first bullets
-ARM_SECTIONS = ["Collapse alarm", "Verdict", "Setup", "Matched KL: primary contrast and noise floor",
+ARM_SECTIONS = ["Controls", "Collapse alarm", "Verdict", "Setup", "Matched KL: primary contrast and noise floor",
                 "Matched KL: secondary metrics and quality", "Endpoints", "Effects by prompt density quintile",
                 "Frontiers and over-optimisation", "What the samplers drew"]
 DETAIL_SECTIONS = ["Summary: density vs baseline", "Length-controlled differences", "Each model vs SFT",
@@ -35,14 +37,14 @@ BOXPLOT_METRICS = ["em_dash_per_1k_chars", "not_x_but_y_per_1k_chars", "distinct
                    "unigram_gini", "ttr", "mattr", "self_bleu", "compression_ratio", "within_prompt_distance",
                    "judge_reward", "reward"]
 VS_REFERENCE_WORDS = {ps.SUPPORTED: "better", ps.CONTRADICTED: "worse", ps.INCONCLUSIVE: "no clear difference"}
-POSITIVE_CONTROL = "Positive control"  # a section of its own, right after the collapse alarm, in runs with a planted tic
+POSITIVE_CONTROL = "Positive control"  # kat_inject's planted pairs: a section of its own after the collapse alarm
 
 
 def section_titles(context: dict) -> list[str]:
-    """The report's sections: SECTIONS, plus the positive control after the first when a tic was planted."""
+    """The report's sections: SECTIONS, plus the positive control after the collapse alarm when a tic was planted."""
     if not context.get("positive_control"):
         return list(SECTIONS)
-    return SECTIONS[:1] + [POSITIVE_CONTROL] + SECTIONS[1:]
+    return SECTIONS[:2] + [POSITIVE_CONTROL] + SECTIONS[2:]
 
 
 # -----------------------------------------------------------------------------
@@ -610,6 +612,7 @@ def _control_implications(results: dict, control: dict, outcome: dict) -> list[s
 def render_markdown(results: dict, context: dict, plots: dict) -> str:
     labels = results["labels"]
     body = {
+        "Controls": controls_section(context["controls"]),
         "Collapse alarm": arms_report.collapse_section(context),
         "Verdict": arms_report.verdict_section(context),
         "Setup": _setup_section(results, context),
