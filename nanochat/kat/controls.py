@@ -241,13 +241,13 @@ class SyntheticRun:
     seed_index: int
 
 
-def synthetic_null_tables(rng, seeds: int, prompts: int, mean: float = 0.6, prompt_sd: float = 0.1,
-                          seed_sd: float = 0.02, noise_sd: float = 0.06, drift: float = 0.05):
+def synthetic_arm_tables(rng, seeds: int, prompts: int, mean: float = 0.6, prompt_sd: float = 0.1,
+                         seed_sd: float = 0.02, noise_sd: float = 0.06, drift: float = 0.05, effect: float = 0.0):
     """
-    Two arms of `seeds` runs drawn alike (the null): per-prompt primary-metric values = mean + a prompt
-    effect + a run (seed) offset + run-by-prompt noise, clipped to [0, 1], at two trajectory points
-    (the second `drift` lower) with each run's own KLs around a common target. Returns (runs, points,
-    target, tables) in analyse_arms' shapes.
+    Two arms of `seeds` runs, drawn alike but for `effect` added to the density arm (0: the null):
+    per-prompt primary-metric values = mean + a prompt effect + a run (seed) offset + run-by-prompt
+    noise, clipped to [0, 1], at two trajectory points (the second `drift` lower) with each run's own
+    KLs around a common target. Returns (runs, points, target, tables) in analyse_arms' shapes.
     """
     shared = rng.normal(0.0, prompt_sd, prompts)
     runs, points, tables = [], {}, {}
@@ -255,7 +255,8 @@ def synthetic_null_tables(rng, seeds: int, prompts: int, mean: float = 0.6, prom
     for arm in ("density", "uniform"):
         for i in range(seeds):
             run = SyntheticRun(name=f"{arm}_{i}", arm=arm, seed_index=i)
-            level = mean + shared + rng.normal(0.0, seed_sd) + rng.normal(0.0, noise_sd, prompts)
+            level = mean + (effect if arm == "density" else 0.0) + shared + rng.normal(0.0, seed_sd) \
+                + rng.normal(0.0, noise_sd, prompts)
             kls = [rng.uniform(0.2, 0.9), rng.uniform(1.1, 2.0)]  # one trajectory point below the target, one above
             points[run.name] = []
             for k, kl in enumerate(kls):
@@ -267,10 +268,11 @@ def synthetic_null_tables(rng, seeds: int, prompts: int, mean: float = 0.6, prom
 
 
 def null_false_positive_rate(replicates: int = 200, seeds: int = 3, prompts: int = 100, n_resamples: int = 1000,
-                             alpha: float = 0.05, seed: int = 0, **variance) -> dict:
+                             alpha: float = 0.05, seed: int = 0, **synthetic) -> dict:
     """
     How often the report's primary verdict (analyse_arms at matched KL) declares a difference between
-    two arms drawn alike: replicates of synthetic_null_tables; with the Clopper-Pearson 95% interval.
+    two arms drawn alike (or, with effect=, how often it finds that effect): replicates of
+    synthetic_arm_tables, with the Clopper-Pearson 95% interval of the rate.
     """
     from scipy import stats as scipy_stats
 
@@ -278,7 +280,7 @@ def null_false_positive_rate(replicates: int = 200, seeds: int = 3, prompts: int
     settings = {"n_resamples": n_resamples, "confidence": 0.95, "alpha": alpha, "seed": seed}
     positives = 0
     for r in range(replicates):
-        runs, points, target, tables = synthetic_null_tables(rng, seeds, prompts, **variance)
+        runs, points, target, tables = synthetic_arm_tables(rng, seeds, prompts, **synthetic)
         verdict = analyse_arms(runs, points, target, tables, tables, None, {**settings, "seed": seed + r})["primary"]["verdict"]
         positives += verdict in (ps.SUPPORTED, ps.CONTRADICTED)
     low = float(scipy_stats.beta.ppf(0.025, positives, replicates - positives + 1)) if positives else 0.0
@@ -346,8 +348,8 @@ def tic_dose_response(runs_by_dose: dict, target: float, how: str, bracket, key:
             if start["step"] != 0:
                 raise ValueError(f"{run.folder}: the trajectory has no step-0 row (the starting policy); rerun the run")
             at = trajectory_value_at(run, target, key, bracket)
-            per_run[run.name + f"@{dose:g}"] = {"dose": dose, "run": str(run.folder), "start": start[key], "at_target": at,
-                                                "change": at - start[key]}
+            per_run[run.name] = {"dose": dose, "run": str(run.folder), "start": start[key], "at_target": at,
+                                 "change": at - start[key]}
             changes.append(at - start[key])
         by_dose[dose] = seed_mean(changes, confidence)
     slope = dose_slope([r["dose"] for r in per_run.values()], [r["change"] for r in per_run.values()], confidence)
@@ -385,6 +387,7 @@ def write_outcome(cache_dir: Path, kind: str, result: dict, report: Path, tiny: 
     if kind not in KINDS:
         raise ValueError(f"unknown control {kind!r}; one of {KINDS}")
     path = Path(cache_dir) / OUTCOME_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"kind": kind, "status": result["status"], "passed": result["passed"], "report": str(report), "tiny": tiny,
               "git_commit": git_commit, "written": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write(path, json.dumps(record, indent=2) + "\n")
