@@ -37,7 +37,7 @@ from nanochat.kat.diversity_eval import (HYPOTHESIS, REFERENCE, common_length_ta
 from nanochat.kat.diversity_report import control_outcome, fmt_ci, fmt_p, fmt_signed, headline, write_report
 from nanochat.engine import Engine
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat.embed import masked_mean_embeddings
+from nanochat.kat.embed import response_embeddings
 from nanochat.kat.pairs import first_user_message
 from nanochat.report import get_report
 from nanochat.kat.reward_model import load_reward_model
@@ -241,14 +241,6 @@ def sample_model(model, tokenizer, prompts: list[dict], cfg: Config, rank: int, 
     return [row for batch in run_sharded(batches, work, rank, world_size) for row in batch]
 
 
-def embed_responses(model, bos: int, responses: list[list[int]], batch_size: int, device) -> np.ndarray:
-    """[len(responses), D] unit rows: final hidden states averaged over the response tokens after <|bos|>
-    (the first sequence_len - 1 of them); an empty response keeps the <|bos|> state."""
-    sequences = [[bos] + r[:model.config.sequence_len - 1] for r in responses]
-    pooled = [[len(seq) == 1] + [True] * (len(seq) - 1) for seq in sequences]
-    return masked_mean_embeddings(model, sequences, pooled, batch_size, device, pad_id=bos)
-
-
 def free(device):
     gc.collect()
     if device.type == "cuda":
@@ -427,7 +419,7 @@ def embed_all(embedder_path: Path, token_ids: dict, tokenizer, cfg: Config, rank
     responses = [ids for label in token_ids for row in token_ids[label] for ids in row]
     chunks = [responses[i:i + cfg.embed_batch_size] for i in range(0, len(responses), cfg.embed_batch_size)]
     bos = tokenizer.get_bos_token_id()
-    vectors = run_sharded(chunks, lambda mine: [embed_responses(embedder, bos, chunk, cfg.embed_batch_size, device)
+    vectors = run_sharded(chunks, lambda mine: [response_embeddings(embedder, bos, chunk, cfg.embed_batch_size, device)
                                                 for chunk in mine], rank, world_size)
     return per_model(np.concatenate(vectors), list(token_ids), len(token_ids[REFERENCE]), cfg.num_samples)
 
