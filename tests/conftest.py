@@ -5,6 +5,7 @@ and GPTs saved as stages, and the KAT data folder built from local samples.
     uv run pytest -m "not slow"     # the quick lane: no subprocesses, process groups or browser
 """
 
+import math
 from contextlib import contextmanager
 from dataclasses import asdict
 
@@ -55,6 +56,32 @@ def tiny_gpt(vocab_size: int, sequence_len: int, n_embd: int = 32, n_layer: int 
                 block.attn.c_proj.weight.normal_(0.0, 0.1)
                 block.mlp.c_proj.weight.normal_(0.0, 0.1)
     return model
+
+
+def bigram_model(vocab_size: int, table: dict) -> GPT:
+    """A 1-layer GPT whose logits after token u are table[u] ({next token: logit}; unlisted: 0).
+    nanochat's init zeroes every block's output projection, so one-hot embeddings reach lm_head unchanged."""
+    width = 4 * ((vocab_size + 3) // 4)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=width))
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()
+        model.transformer.wte.weight[torch.arange(vocab_size), torch.arange(vocab_size)] = 1.0
+        model.lm_head.weight.zero_()
+        for u, row in table.items():
+            for v, logit in row.items():
+                model.lm_head.weight[v, u] = logit / math.sqrt(width)  # the final RMSNorm scales e_u by sqrt(width)
+    return model
+
+
+@pytest.fixture
+def offline_run(tmp_path, monkeypatch):
+    """(base dir, outs dir) of a one-process run under tmp_path, tasks read from the bundled samples."""
+    base_dir, outs = tmp_path / "base_dir", tmp_path / "outs"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    monkeypatch.setenv("NANOCHAT_OUTS_DIR", str(outs))
+    monkeypatch.setenv("NANOCHAT_TASKS_OFFLINE", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    return base_dir, outs
 
 
 def save_stage(stage: str, model: GPT):

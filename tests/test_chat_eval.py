@@ -18,13 +18,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
-def tiny_run(tmp_path, monkeypatch):
+def tiny_run(offline_run):
     """A trained tiny tokenizer and a random depth-1 model saved as the given stages, all offline."""
-    base_dir, outs = tmp_path / "base_dir", tmp_path / "outs"
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
-    monkeypatch.setenv("NANOCHAT_OUTS_DIR", str(outs))
-    monkeypatch.setenv("NANOCHAT_TASKS_OFFLINE", "1")
-    monkeypatch.delenv("RANK", raising=False)
+    base_dir, outs = offline_run
     texts = [(SAMPLES_DIR / name).read_text() for name in ("gsm8k_train.jsonl", "arc_easy_train.jsonl")]
     tokenizer = Tokenizer.train_from_iterator(iter(texts), 300)
     tokenizer.save(base_dir / "tok")
