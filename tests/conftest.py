@@ -1,11 +1,13 @@
 """
 Fixtures and builders the test modules share: a run's folders in the environment, tiny tokenizers
-and GPTs saved as stages, and the KAT data folder built from local samples.
+and GPTs saved as stages, the KAT data folder built from local samples, and the tiny preset's run
+(made once per session for tests/test_tiny_preset.py and tests/test_kat_runs.py).
 
     uv run pytest -m "not slow"     # the quick lane: no subprocesses, process groups or browser
 """
 
 import math
+import subprocess
 from contextlib import contextmanager
 from dataclasses import asdict
 
@@ -13,10 +15,11 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.common import stage_dir
+from nanochat.common import REPO_ROOT, stage_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kat.data import KatData
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+from tests.tiny_fixtures import tiny_env
 
 KAT_SAMPLES = "nanochat/samples/kat"  # the tiny preset's preference samples, in the hubs' row schemas
 KAT_FIXTURES = "tests/fixtures/kat"  # a handful of rows per source, for the data stages' own tests
@@ -115,3 +118,13 @@ def kat_workspace(root, local_dir: str, vocab_size: int, sequence_len: int, prom
         save_stage("sft", tiny_gpt(vocab_size, sequence_len))
         yield {"root": root, "data_dir": data.dir, "data": data, "pairs": pairs, "prompts": prompts,
                "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(root, stdout) of `bash kat_speedrun.sh --tiny --rl` (several minutes); its readers never change it."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    result = subprocess.run(["bash", "kat_speedrun.sh", "--tiny", "--rl"], cwd=REPO_ROOT, env=tiny_env(root),
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"kat_speedrun.sh --tiny failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return root, result.stdout
