@@ -29,13 +29,22 @@ RM_FLAGS=()
 GRPO_FLAGS=(--max_steps=5000 --learning_rate=1e-5 --beta=0.1 --density_k=10)  # the seed's flags, as written there
 GRPO_SEEDS="${KAT_SEEDS:-3}"  # runs per arm: the arms' difference is measured against the spread between seeds
 DIVERSITY_FLAGS=()
+PREFETCH_STAGE=prefetch PREFETCH_FLAGS=()  # the preference data too
+AFTER_PREFETCH=(start_pairs_build)  # runs/control.sh clears it: the control builds its own pairs in its own root
 declare -A GRPO_SAMPLER=([density]=density [baseline]=uniform [shuffled]=shuffled)  # arm -> --prompt_sampling
 GRPO_ARMS=(density baseline)  # KAT_SHUFFLED=1 adds shuffled (check_kat_options)
 
 # ----------------------------------------------------------------------------- the stages
+# the preference pairs (CPU work and the Stack Exchange stream) build while the GPUs train; kat_stages waits
+start_pairs_build() {
+    start_background kat_pairs_build run_stage kat_pairs "$NANOCHAT_KAT_CACHE/data/pairs_all.jsonl" \
+        python -m scripts.kat_pairs "${PAIRS_FLAGS[@]}"
+}
+
 kat_stages() {
     local data="$NANOCHAT_KAT_CACHE/data"
     # preference pairs from HH-RLHF, UltraFeedback and Stack Exchange in one schema, split train/test
+    wait_background kat_pairs_build  # started after prefetch
     run_stage kat_pairs "$data/pairs_all.jsonl" python -m scripts.kat_pairs "${PAIRS_FLAGS[@]}"
     # every prompt embedded by the SFT model; its density among its k nearest neighbours -> sampling weights
     run_stage kat_embed "$data/prompt_embeddings.npy" launch scripts.kat_embed --source=sft

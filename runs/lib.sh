@@ -65,10 +65,12 @@ install_environment() {
         # shellcheck disable=SC1091
         source "$HOME/.cargo/env"
     fi
-    local extras=(--extra web --extra hf)  # the chat server; HF datasets for the task and preference data
-    if [ "${WANDB_RUN:-dummy}" != dummy ]; then
-        extras+=(--extra wandb)  # a named run logs to wandb
-    fi
+    local extras=() name condition
+    while read -r name condition; do  # runs/extras.txt: what the full run imports (a test checks it)
+        case "$name" in ""|"#"*) continue ;; esac
+        if [ "$condition" = if_wandb_run ] && [ "${WANDB_RUN:-dummy}" = dummy ]; then continue; fi
+        extras+=(--extra "$name")
+    done < "$REPO_ROOT/runs/extras.txt"
     (cd "$REPO_ROOT" && "${UV_CMD[@]}" sync --frozen "${extras[@]}")
     # shellcheck disable=SC1091
     source "$REPO_ROOT/.venv/bin/activate"
