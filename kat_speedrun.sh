@@ -26,7 +26,7 @@ source ./speedrun.sh  # runs/lib.sh, nanochat_stages and the d20 run's flags
 # runs/tiny.sh and runs/control.sh replace them.
 PAIRS_FLAGS=(--max_pairs=100000)
 RM_FLAGS=()
-GRPO_FLAGS=(--max_steps=5000 --learning_rate=1e-5 --beta=0.1 --density_k=10)  # the seed's flags, as written there
+GRPO_FLAGS=(--max_steps=5000 --beta=0.1 --density_k=10)  # lr, advantages, KL: scripts.grpo's measured defaults
 GRPO_SEEDS="${KAT_SEEDS:-3}"  # runs per arm: the arms' difference is measured against the spread between seeds
 DIVERSITY_FLAGS=()
 PREFETCH_STAGE=prefetch PREFETCH_FLAGS=()  # the preference data too

@@ -36,7 +36,8 @@ import torch
 from nanochat.common import REPO_ROOT, atomic_write, get_base_dir, get_rank
 
 # Stage files in the order a run produces them; any other <stage>_report.md follows alphabetically.
-STAGE_ORDER = ["tok", "base", "mid", "sft", "rl", "kat_data", "rm", "grpo_density", "grpo_baseline", "diversity"]
+STAGE_ORDER = ["tok", "base", "mid", "sft", "rl", "kat_data", "rm", "rm_judge", "grpo_density", "grpo_baseline",
+               "grpo_shuffled", "diversity"]
 SUMMARY_STAGES = ["base", "mid", "sft", "rl"]
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
 
@@ -238,8 +239,11 @@ class Report:
 
     def stage_files(self) -> list[Path]:
         files = {p.name.removesuffix("_report.md"): p for p in self.report_dir.glob("*_report.md")}
-        known = [files.pop(stage) for stage in STAGE_ORDER if stage in files]
-        return known + [files[stage] for stage in sorted(files)]
+
+        def place(stage):  # a further seed's run (grpo_density_s1) follows its arm; unknown stages go last
+            arm = stage.rsplit("_s", 1)[0] if re.fullmatch(r".+_s\d+", stage) else stage
+            return (STAGE_ORDER.index(arm) if arm in STAGE_ORDER else len(STAGE_ORDER), stage)
+        return [files[stage] for stage in sorted(files, key=place)]
 
     def generate(self) -> Path:
         """Assemble header + stage files + summary into report/report.md and copy it out."""

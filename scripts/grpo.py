@@ -369,8 +369,9 @@ def main(argv=None, reward_model=None):
     ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type or None, seed=cfg.seed)
     check_config(cfg, world_size)
     master = rank == 0
-    mode, stage = cfg.prompt_sampling, STAGES[cfg.prompt_sampling]
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else stage_dir(stage)
+    mode = cfg.prompt_sampling
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else stage_dir(STAGES[mode])
+    stage = out_dir.name  # grpo_density, or a further seed's grpo_density_s1: its own report section and meta
     data = KatData(cfg.data_dir)
     autocast = autocast_context(device)
 
