@@ -86,6 +86,7 @@ def test_a_further_seed_loads_by_stage_name(runs_root, monkeypatch):
 
     model, tokenizer, meta = load_model("grpo_baseline_s1", "cpu")
     assert meta["prompt_sampling"] == "uniform" and meta["train_args"]["seed"] == 43
+    assert meta["stage"] == "grpo_baseline_s1"  # its own stage, not its arm's
     prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "Hello!"}]})
     tokens, _ = Engine(model, tokenizer).generate_batch([prompt], num_samples=2, max_tokens=8, seed=1)
     assert len(tokens[0]) == 2
