@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import threading
 import time
@@ -252,8 +253,15 @@ class Worker:
 
 
 def find_chat_stages() -> list[str]:
-    """The chat stages with a checkpoint file under outs/, in CHAT_STAGES order (whether it loads is load_workers' call)."""
-    return [stage for stage in CHAT_STAGES if any(stage_dir(stage).glob("ckpt*.pt"))]
+    """The chat stages with a checkpoint file under outs/, in CHAT_STAGES order, each GRPO arm followed by its
+    further seeds' runs (grpo_density_s1, ...) and the shuffled arm's; whether each loads is load_workers' call."""
+    outs = stage_dir("sft").parent
+    grpo_runs = sorted(p.name for p in outs.glob("grpo_*") if re.fullmatch(r"grpo_(density|baseline|shuffled)(_s\d+)?", p.name))
+    stages = []
+    for stage in CHAT_STAGES:
+        stages += [stage] + ([run for run in grpo_runs if run.startswith(stage + "_s")] if stage.startswith("grpo_") else [])
+    stages += [run for run in grpo_runs if run.startswith("grpo_shuffled")]
+    return [stage for stage in stages if any(stage_dir(stage).glob("ckpt*.pt"))]
 
 
 # what a missing, truncated, foreign or mis-shaped checkpoint raises from load_model
