@@ -14,6 +14,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from nanochat.common import REPO_ROOT
