@@ -10,15 +10,8 @@ Stages add their results while they run:
 
 which writes (or replaces, when a stage is re-run) the `## Base model evaluation` block inside
 $NANOCHAT_BASE_DIR/report/base_report.md. A dict renders as "- key: value" bullets, a string is
-copied verbatim. Only rank 0 writes; other ranks get a report object that does nothing.
-
-The summary table reads bullets whose key is exactly one of SUMMARY_METRICS ("CORE", "ARC-Easy",
-"ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE") from the base, mid, sft and rl files,
-plus a column for any other stage file that reports one of them (e.g. grpo_density). If a stage
-reports a metric in several sections, the last one in the file wins. Absent values show as "-".
-
-The combined report stays in report/report.md; the copy goes to $NANOCHAT_REPORT_PATH (default
-<repo>/report.md), so a tiny-preset run can write elsewhere and leave a full run's report alone.
+copied verbatim. Only rank 0 writes; other ranks get a report object that does nothing. The copy
+goes to $NANOCHAT_REPORT_PATH (default <repo>/report.md).
 """
 
 import datetime
@@ -38,6 +31,8 @@ from nanochat.common import REPO_ROOT, atomic_write, get_base_dir, get_rank
 # Stage files in the order a run produces them; any other <stage>_report.md follows alphabetically.
 STAGE_ORDER = ["tok", "base", "mid", "sft", "rl", "kat_data", "rm", "rm_judge", "grpo_density", "grpo_baseline",
                "grpo_shuffled", "diversity"]
+# The summary table: bullets whose key is exactly one of SUMMARY_METRICS, from these stages' files plus a
+# column for any other stage file that reports one of them (e.g. grpo_density); absent values show as "-".
 SUMMARY_STAGES = ["base", "mid", "sft", "rl"]
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
 
@@ -107,7 +102,8 @@ def parse_bullets(text: str) -> dict[str, str]:
 
 
 def report_copy_path() -> Path:
-    """Where generate copies report.md: $NANOCHAT_REPORT_PATH, default <repo>/report.md."""
+    """Where generate copies report.md: $NANOCHAT_REPORT_PATH, default <repo>/report.md (so a tiny-preset
+    run can write elsewhere and leave a full run's report alone; the combined report stays in report/)."""
     override = os.environ.get("NANOCHAT_REPORT_PATH")
     return Path(override).expanduser().resolve() if override else REPO_ROOT / "report.md"
 
@@ -270,6 +266,7 @@ class Report:
 
 def summary(header: dict[str, str], stage_texts: dict[str, str], generated: str) -> str:
     """The closing table of headline metrics, the wall-clock time and the cost estimate."""
+    # a stage that reports a metric in several sections: the last one in its file wins
     metrics = {stage: parse_bullets(text) for stage, text in stage_texts.items()}
     extra = [s for s in stage_texts if s not in SUMMARY_STAGES and any(m in metrics[s] for m in SUMMARY_METRICS)]
     columns = SUMMARY_STAGES + extra

@@ -11,9 +11,8 @@ RM beside it), compare the arms over seeds then prompts, and write the report.
 
 Writes <output_report> (default <kat cache>/diversity_report.md), its PNG plots, a JSON of every
 figure (same name, .json), the responses of SFT and every run's final model (<stem>_samples.jsonl)
-and the report card's section. Computing: nanochat/kat/diversity_eval.py (metrics, the seed-0 detail)
-and arm_stats.py (seeds per arm); rendering: diversity_report.py. A "Positive control" section is
-added when scripts.kat_inject planted a tic in the train pairs.
+and the report card's section; a "Positive control" section when scripts.kat_inject planted a tic.
+Computing: nanochat/kat/diversity_eval.py (metrics), arm_stats.py (seeds); rendering: diversity_report.py.
 """
 
 import gc
