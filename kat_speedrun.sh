@@ -8,7 +8,12 @@
 #   WANDB_RUN=kat NPROC_PER_NODE=8 bash kat_speedrun.sh
 #   bash kat_speedrun.sh --control          # positive control, ~20 min on one GPU, on an existing outs/sft
 #   bash kat_speedrun.sh --tiny --control   # the same on a CPU, on the tiny preset's SFT model
+#   KAT_SEEDS=5 bash kat_speedrun.sh        # GRPO runs per arm (default 3; 1 with --tiny or --control)
+#   KAT_SHUFFLED=1 bash kat_speedrun.sh     # a third arm: the density weights shuffled across prompts
+#   KAT_PARALLEL_RUNS=4 bash kat_speedrun.sh   # the GRPO runs 4 at a time (default: one per GPU, if enough)
 #
+# GRPO run i of an arm writes outs/grpo_<arm> (i = 0) or outs/grpo_<arm>_s<i> with --seed=42+i. With a
+# GPU per run they all run at once, one GPU each; otherwise one after another over every GPU.
 # Options, skip/resume and --rl are speedrun.sh's (runs/lib.sh); the --tiny sizes are runs/tiny.sh,
 # the positive control (what it plants, where it writes, its overrides) runs/control.sh.
 
@@ -21,13 +26,25 @@ source ./speedrun.sh  # runs/lib.sh, nanochat_stages and the d20 run's flags
 # runs/tiny.sh and runs/control.sh replace them.
 PAIRS_FLAGS=(--max_pairs=100000)
 RM_FLAGS=()
-GRPO_FLAGS=(--max_steps=5000 --learning_rate=1e-5 --beta=0.1 --density_k=10)  # the seed's flags, as written there
+GRPO_FLAGS=(--max_steps=5000 --beta=0.1 --density_k=10)  # lr, advantages, KL: scripts.grpo's measured defaults
+GRPO_SEEDS="${KAT_SEEDS:-3}"  # runs per arm: the arms' difference is measured against the spread between seeds
 DIVERSITY_FLAGS=()
+PREFETCH_STAGE=prefetch PREFETCH_FLAGS=()  # the preference data too
+AFTER_PREFETCH=(start_pairs_build)  # runs/control.sh clears it: the control builds its own pairs in its own root
+declare -A GRPO_SAMPLER=([density]=density [baseline]=uniform [shuffled]=shuffled)  # arm -> --prompt_sampling
+GRPO_ARMS=(density baseline)  # KAT_SHUFFLED=1 adds shuffled (check_kat_options)
 
 # ----------------------------------------------------------------------------- the stages
+# the preference pairs (CPU work and the Stack Exchange stream) build while the GPUs train; kat_stages waits
+start_pairs_build() {
+    start_background kat_pairs_build run_stage kat_pairs "$NANOCHAT_KAT_CACHE/data/pairs_all.jsonl" \
+        python -m scripts.kat_pairs "${PAIRS_FLAGS[@]}"
+}
+
 kat_stages() {
     local data="$NANOCHAT_KAT_CACHE/data"
     # preference pairs from HH-RLHF, UltraFeedback and Stack Exchange in one schema, split train/test
+    wait_background kat_pairs_build  # started after prefetch
     run_stage kat_pairs "$data/pairs_all.jsonl" python -m scripts.kat_pairs "${PAIRS_FLAGS[@]}"
     # every prompt embedded by the SFT model; its density among its k nearest neighbours -> sampling weights
     run_stage kat_embed "$data/prompt_embeddings.npy" launch scripts.kat_embed --source=sft
@@ -41,26 +58,50 @@ kat_stages() {
     fi
     # the reward model: the SFT backbone plus a scalar head, on the train pairs (Bradley-Terry)
     run_training_stage train_rm rm launch scripts.train_rm --run="$WANDB_RUN" "${RM_FLAGS[@]}"
-    # the independent judge: the same on the other half of the train pairs; GRPO never sees it
-    run_training_stage train_rm_judge rm_judge launch scripts.train_rm --run="$WANDB_RUN" "${RM_FLAGS[@]}" --role=judge
-    # GRPO twice from the SFT model, same seeds, steps and batch; only the prompt sampler differs
-    run_training_stage grpo_density grpo_density launch scripts.grpo --run="$WANDB_RUN" \
-        "${GRPO_FLAGS[@]}" --density_aware=True --out_dir "$NANOCHAT_OUTS_DIR/grpo_density"
-    run_training_stage grpo_baseline grpo_baseline launch scripts.grpo --run="$WANDB_RUN" \
-        "${GRPO_FLAGS[@]}" --density_aware=False --out_dir "$NANOCHAT_OUTS_DIR/grpo_baseline"
+    # the independent judge: a second reward model on the other half of the train pairs, never GRPO's reward
+    run_training_stage train_rm_judge rm_judge launch scripts.train_rm --role=judge --run="$WANDB_RUN" "${RM_FLAGS[@]}"
+    # GRPO from the SFT model, GRPO_SEEDS runs per arm with the same steps and batch; the arms differ
+    # only in the prompt sampler, and the runs of one seed index share the seed (runs/lib.sh runs them)
+    local i arm stage
+    for ((i = 0; i < GRPO_SEEDS; i++)); do
+        for arm in "${GRPO_ARMS[@]}"; do
+            stage="grpo_$arm"
+            if [ "$i" -gt 0 ]; then stage+="_s$i"; fi
+            queue_training_stage "$stage" scripts.grpo --run="$WANDB_RUN" "${GRPO_FLAGS[@]}" \
+                --prompt_sampling="${GRPO_SAMPLER[$arm]}" --seed=$((42 + i)) --out_dir "$NANOCHAT_OUTS_DIR/$stage"
+        done
+    done
+    run_queued_stages
     # SFT and both arms sampled on the same held-out prompts: diversity, tics, paired statistics
     run_stage eval_diversity "$NANOCHAT_KAT_CACHE/diversity_report.md" launch scripts.eval_diversity \
         "${DIVERSITY_FLAGS[@]}"
 }
 
+# KAT_SEEDS and KAT_SHUFFLED, checked before the first stage rather than hours into the run
+check_kat_options() {
+    if ! [[ "$GRPO_SEEDS" =~ ^[1-9][0-9]*$ ]]; then
+        echo "[FAIL] KAT_SEEDS must be a positive whole number (GRPO runs per arm), got '$GRPO_SEEDS'" >&2
+        exit 2
+    fi
+    if [ "${KAT_SHUFFLED:-0}" = 1 ]; then
+        GRPO_ARMS+=(shuffled)
+    fi
+    echo "GRPO arms: ${GRPO_ARMS[*]}, $GRPO_SEEDS run(s) each (--seed=42 to $((41 + GRPO_SEEDS)))"
+}
+
 kat_summary() {
-    local outs="$NANOCHAT_OUTS_DIR"
+    local outs="$NANOCHAT_OUTS_DIR" models="base,mid,sft,rm" arms seed_suffixes="" i
+    if [ -e "$outs/rm_judge/ckpt.pt" ]; then models+=",rm_judge"; fi
+    arms="$(IFS=,; echo "${GRPO_ARMS[*]}")"
+    for ((i = 1; i < GRPO_SEEDS; i++)); do seed_suffixes+=",_s$i"; done
+    if [ -n "$seed_suffixes" ]; then seed_suffixes="{$seed_suffixes}"; fi
     cat <<EOF
 
 ==================================================================== where everything is
 report card:        ${NANOCHAT_REPORT_PATH:-$REPO_ROOT/report.md}
 diversity report:   $NANOCHAT_KAT_CACHE/diversity_report.md (plots and JSON beside it)
-checkpoints:        $outs/{base,mid,sft,rm,grpo_density,grpo_baseline}/ckpt.pt
+checkpoints:        $outs/{$models}/ckpt.pt
+GRPO runs:          $outs/grpo_{$arms}$seed_suffixes/ckpt.pt
 training logs:      $outs/<stage>/training_log.txt, TensorBoard: tensorboard --logdir $outs
 preference data:    $NANOCHAT_KAT_CACHE/data/ (pairs_all.jsonl, prompts_all.jsonl, prompt_weights.jsonl, stats.txt)
 stage logs/timings: $LOG_DIR/
@@ -84,6 +125,7 @@ if [ "$CONTROL" = 1 ]; then
     source runs/control.sh
 fi
 setup_environment  # output folders, the Python environment (uv), the number of processes
+check_kat_options  # KAT_SEEDS, KAT_SHUFFLED
 
 if [ "$CONTROL" = 1 ]; then
     if [ "$TINY" = 1 ]; then

@@ -21,10 +21,16 @@ source runs/lib.sh
 TOK_TRAIN_FLAGS=(--max_chars=2000000000 --vocab_size=65536)  # ~2B characters, the first 8 shards
 BASE_TRAIN_FLAGS=(--depth=20)                                # 20 layers, 1280 wide, 20 tokens per parameter
 BASE_LOSS_FLAGS=() BASE_EVAL_FLAGS=() MID_TRAIN_FLAGS=() CHAT_SFT_FLAGS=() CHAT_RL_FLAGS=() CHAT_EVAL_FLAGS=()
+PREFETCH_STAGE=prefetch_nanochat PREFETCH_FLAGS=(--kat=false)  # kat_speedrun.sh fetches the preference data too
+AFTER_PREFETCH=()  # a command kat_speedrun.sh starts in the background once the inputs are checked
 
 # ----------------------------------------------------------------------------- the stages
 nanochat_stages() {
     start_report  # the report card's header: system, git commit, this run's start
+    # every dataset and file the later stages read, fetched and checked against their loaders now, so a
+    # network or schema problem fails in minutes, not hours in (--tiny: the bundled samples, offline)
+    run_stage "$PREFETCH_STAGE" "$LOG_DIR/$PREFETCH_STAGE.done" python -m scripts.prefetch "${PREFETCH_FLAGS[@]}"
+    if [ ${#AFTER_PREFETCH[@]} -gt 0 ]; then "${AFTER_PREFETCH[@]}"; fi
 
     if [ "$TINY" = 1 ]; then
         echo "tiny preset: pretraining text, tasks, CORE bundle and preference data come from the bundled samples"

@@ -1,24 +1,16 @@
 """
-base_train on several process counts, side by side: tokens/s, MFU, scaling efficiency against
-the one-process run, peak memory, and the training loss and validation bpb at the same total
-batch (issues 3 and 10: N processes train like 1 "within bf16 noise"; 1, 2 and 8 GPUs on a node).
+base_train on several process counts, side by side: tokens/s, MFU, scaling efficiency against the
+one-process run, peak memory, and the training loss and validation bpb at the same total batch
+(issues 3 and 10: N processes train like 1 "within bf16 noise"; 1, 2 and 8 GPUs on a node).
 
     python -m dev.bench_scaling --nprocs=1,2,8 --reference_batch=16   # d20, B=32, T=2048, 12 steps each
     python -m dev.bench_scaling --nprocs=1,2 --device_type=cpu --depth=2 --max_seq_len=64 \\
         --device_batch_size=4 --total_batch_size=512 --num_iterations=4   # the plumbing, on a CPU
 
-Each run is the real script under torchrun (`python -m torch.distributed.run`), writing its
-checkpoint into a scratch folder. Throughput is the median over steps 2..N (step 1 compiles).
-
-The runs pass --identical_batches by default, so at every step every process count trains on the
-same global batch (the same windows of one token stream) and validates on the same tokens. The
-batch loss base_train logs is the exact mean over that whole batch, so the runs' losses differ
-only by summation order and rounding. How large such differences are on their own is what
---reference_batch=N measures: one more one-process run at device batch N, the same total batch
-and tokens, but a different accumulation split and different matmul shapes. The table ends with
-each run's largest per-step gap to the first run's batch loss; an N-process gap no larger than
-the reference run's is "within bf16 noise". With --identical_batches=false the ranks read disjoint
-documents as in a real run, and the losses agree only statistically.
+Each run is the real script under torchrun, checkpointing into a scratch folder. The table ends
+with each run's largest per-step gap to the first run's batch loss; an N-process gap no larger
+than the --reference_batch run's (the rounding noise floor) is "within bf16 noise".
+Measured results: dev/NOTES.md, "Multi-GPU checks".
 """
 
 import re
@@ -46,8 +38,10 @@ class Config:
     total_batch_size: int = opt(524288, help="the same for every process count")
     num_iterations: int = opt(12, help="steps per run")
     eval_tokens: int = opt(524288, help="validation tokens at the last step")
+    # identical batches: the runs' losses differ only by summation order and rounding; without, only statistically
     identical_batches: bool = opt(True, help="every process count trains on the same global batch per step "
                                   "(base_train --identical_batches); false reads disjoint documents per rank")
+    # same total batch and tokens, another accumulation split and other matmul shapes: rounding alone
     reference_batch: int = opt(0, help="if > 0, one more 1-process run at this device batch and the same total "
                                "batch: the summation-order/rounding noise floor of the loss comparison")
     workdir: str = opt("", help="scratch folder for the runs' checkpoints (default: a new temporary one)")
@@ -75,7 +69,7 @@ def parse_log(text: str, nproc: int) -> dict:
     vals = VAL_LINE.findall(text)
     if not steps or not vals:
         raise RuntimeError(f"no step or validation lines in base_train's output on {nproc} process(es):\n{text[-2000:]}")
-    timed = [row for row in steps if row[0] >= 2] or steps
+    timed = [row for row in steps if row[0] >= 2] or steps  # step 1 compiles: throughput is the median of 2..N
     return {"nproc": nproc, "tok_per_s": statistics.median(r[3] for r in timed),
             "mfu": statistics.median(r[4] for r in timed), "peak_gb": max(r[5] for r in steps),
             "last_step": steps[-1][0], "loss": steps[-1][1], "batch_loss": {r[0]: r[2] for r in steps},
@@ -84,6 +78,7 @@ def parse_log(text: str, nproc: int) -> dict:
 
 def max_batch_loss_gap(row: dict, ref: dict) -> float:
     """The largest |batch loss - reference batch loss| over the steps both runs logged."""
+    # base_train's batch loss is the exact mean over the whole global batch, so it is comparable across world sizes
     shared = row["batch_loss"].keys() & ref["batch_loss"].keys()
     if not shared:
         raise RuntimeError(f"the {row['nproc']}-process run and the reference logged no step in common")

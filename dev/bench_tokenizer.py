@@ -7,21 +7,10 @@ rustbpe learn the same merges on a small slice (same counts, same tie-breaking).
     python -m dev.bench_tokenizer                       # 80 MB, 2 threads, 2 timed runs each
     python -m dev.bench_tokenizer --corpus_mb=50 --repeats=1 --hf=false
 
-The corpus is documentation and dictionary text from Debian packages, fetched with
-`apt-get download` and unpacked with `dpkg-deb -x` (nothing is installed), taken in this order
-until the size is reached (Debian 12 package names):
-    linux-doc-6.1    Documentation/**/*.rst.gz, *.txt.gz      Linux kernel documentation
-    python3.11-doc   html/_sources/**/*.txt                   Python 3.11 docs, reStructuredText
-    perl-doc         /usr/share/perl/*/pod/*.pod              Perl manual pages, POD
-    wordnet-base     /usr/share/wordnet/data.*, after '|'     WordNet 3.0 glosses and examples
-    dict-gcide       /usr/share/dictd/gcide.dict.dz           GNU Collaborative International
-                                                              Dictionary of English (Webster 1913)
-Each source is cut at blank lines into documents of about 4 KB, like web pages in FineWeb.
-The corpus is cached as JSON lines in $NANOCHAT_KAT_CACHE/bench_tokenizer/ (outside git).
-
-Each trainer runs in its own subprocess, so PyPI rustbpe (installed with uv into --pypi_dir when
-missing) and ours, which share the module name `rustbpe`, never meet; only train_from_iterator
-on an in-memory list is timed.
+The corpus is documentation and dictionary text from five Debian packages (SOURCES), fetched with
+`apt-get download` and unpacked with `dpkg-deb -x` (nothing is installed), cut into documents of
+about 4 KB and cached in $NANOCHAT_KAT_CACHE/bench_tokenizer/ (outside git). Each trainer runs in
+its own subprocess; only train_from_iterator on an in-memory list is timed.
 """
 
 import gzip
@@ -39,7 +28,7 @@ from nanochat.flags import opt, parse_flags
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 0.8
-DOC_CHARS = 4000
+DOC_CHARS = 4000  # documents of about 4 KB, like web pages in FineWeb
 
 
 @dataclass
@@ -86,6 +75,10 @@ def wordnet_glosses(path):
     return "\n\n".join(g for g in glosses if g)
 
 
+# Debian 12 package names, taken in this order until --corpus_mb is reached:
+# Linux kernel documentation (rst/txt); the Python 3.11 docs (reStructuredText); Perl manual pages (POD);
+# WordNet 3.0 glosses and examples (after '|'); GCIDE, the GNU Collaborative International Dictionary
+# of English (Webster 1913).
 SOURCES = [
     ("linux-doc-6.1", ["usr/share/doc/linux-doc-6.1/Documentation/**/*.rst.gz",
                        "usr/share/doc/linux-doc-6.1/Documentation/**/*.txt.gz"], read_text),
@@ -201,6 +194,7 @@ def run_job(job):
 
 
 def ensure_pypi_rustbpe(pypi_dir):
+    # installed with uv into its own --target folder, put on PYTHONPATH only for the "pypi" trainer
     if (Path(pypi_dir) / "rustbpe").is_dir():
         return
     print(f"installing PyPI rustbpe==0.1.0 into {pypi_dir}")
@@ -212,7 +206,7 @@ def spawn(cfg, trainer, corpus, limit_bytes, vocab_size, ranks_out=None):
     from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
     env = dict(os.environ, RAYON_NUM_THREADS=str(cfg.threads), RAYON_RS_NUM_CPUS=str(cfg.threads),
                TOKENIZERS_PARALLELISM="true")
-    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONPATH", None)  # ours and PyPI rustbpe share the module name `rustbpe`: one per process
     if trainer == "pypi":
         env["PYTHONPATH"] = cfg.pypi_dir
     job = dict(trainer=trainer, corpus=str(corpus), limit_bytes=limit_bytes, vocab_size=vocab_size,

@@ -1,19 +1,18 @@
 """
 Write the tiny preset's preference samples, nanochat/samples/kat/*.jsonl, in the exact HF row schemas
 that scripts.kat_pairs reads with --local_dir:
-
-    hh-rlhf_{train,test}.jsonl                       {"chosen": transcript, "rejected": transcript}
-    ultrafeedback_{train,test}_prefs.jsonl           {"prompt", "prompt_id", "chosen", "rejected", "messages",
-                                                      "score_chosen", "score_rejected"}
-    stack-exchange.jsonl                             {"qid", "question" (HTML), "answers": [...], "date", "metadata"}
+    hh-rlhf_{train,test}.jsonl                {"chosen": transcript, "rejected": transcript}
+    ultrafeedback_{train,test}_prefs.jsonl    {"prompt", "prompt_id", "chosen", "rejected", "messages",
+                                               "score_chosen", "score_rejected"}
+    stack-exchange.jsonl                      {"qid", "question" (HTML), "answers": [...], "date", "metadata"}
 
     python -m dev.make_kat_samples            # deterministic: the same files every run
 
 Topics (dev/kat_sample_topics.py) come as clusters of near-identical questions (dense regions of
 prompt space) and one-off questions (isolated points). Chosen answers are specific and correct;
-rejected ones are vague, wrong, curt, or full of the tics the experiment measures. The HH files also
-carry what real HH has: multi-line turns, repeated prompts, prompts in both splits, and rows whose
-transcripts diverge before the last turn.
+rejected ones are vague, wrong, curt, or full of the tics the experiment measures. The HH files
+also carry what real HH has: multi-line turns, repeated prompts, prompts in both splits, and rows
+whose transcripts diverge before the last turn.
 """
 
 import hashlib

@@ -7,13 +7,8 @@ receives only the average of its own rows), runs AdamW on those rows with
 moment buffers of that size alone, and all-gathers the updated rows. Optimizer
 memory per rank is 1/world_size of plain AdamW's.
 
-A parameter whose first dimension does not divide by world_size is all-reduced
-instead and updated on every rank (replicated state): small tensors only, in
-practice, since nanochat's vocabulary sizes are multiples of 8 or more.
-
-The arithmetic is torch.optim.AdamW's (decoupled weight decay, eps added after
-the bias correction), so a distributed run matches a single-process one.
-Single-process training uses torch.optim.AdamW itself (fused on CUDA).
+The arithmetic is torch.optim.AdamW's, so a distributed run matches a
+single-process one, which uses torch.optim.AdamW itself (fused on CUDA).
 """
 
 import math
@@ -28,6 +23,7 @@ from nanochat.collectives import all_reduce_mean, reduce_scatter_mean
 def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float):
     """One AdamW step on `param` in place (step counts from 1)."""
+    # torch.optim.AdamW's arithmetic: decoupled weight decay, eps added after the bias correction
     param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -54,6 +50,8 @@ class DistAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     raise RuntimeError(f"DistAdamW: a parameter of shape {tuple(p.shape)} has no gradient; "
                                        "every rank must run backward through every parameter before step()")
+                # rows that do not divide by world_size: all-reduced, updated on every rank (replicated state);
+                # small tensors only in practice, since nanochat's vocabulary sizes are multiples of 8 or more
                 sharded = p.ndim > 0 and p.shape[0] % world_size == 0
                 # Both paths average in place into p.grad or a fresh shard; p.grad is spent after step().
                 pending = reduce_scatter_mean(p.grad) if sharded else all_reduce_mean(p.grad)

@@ -2,27 +2,15 @@
 Conversation batches for midtraining, SFT and the reward model, and the loss that averages
 over the trainable tokens of a whole optimizer step.
 
-Targets. Tokenizer.render_conversation gives ids and a mask that is 1 exactly on the tokens
-the assistant must learn to write. The model predicts ids[i+1] from ids[..i], so the target at
-input position i is ids[i+1] where mask[i+1] == 1 and IGNORE_INDEX (-1) elsewhere: BOS, user
-turns, tool output and padding are context, never targets (completion-only training).
-
-Two ways to batch:
+Targets are completion-only: the target at input position i is ids[i+1] where the rendered mask
+is 1 (what the assistant must learn to write), IGNORE_INDEX (-1) on BOS, user turns, tool output
+and padding. Two ways to batch:
 - packed (midtraining): conversations back to back in one token stream, cut into windows of
-  B*T+1 tokens (inputs the first B*T, targets the last B*T; consecutive windows share one
-  token, so every token is predicted exactly once). No padding; a conversation may run on
-  into the next row or batch, as documents do in pretraining.
-- padded (SFT, reward model): one conversation per row, right-padded to the longest row of
-  the micro-batch. Padding is inert: its targets are -1, and it comes after every real token,
-  so causal attention never lets a real position see it. The pad id is <|bos|>, which
-  render_conversation emits only at position 0 (text never encodes to a special token), so
-  in a padded batch a BOS anywhere else is padding; pad_conversations also returns each
-  row's length, so no caller has to search for pads.
-
-Order and resume. Rank r of W walks its dataset at r, r+W, r+2W, ...; after the last it starts
-the next epoch at r again. state_dict() is plain data (epoch, index, and for the packed loader
-the rendered tokens not yet consumed); a loader built with it as resume_state yields exactly the
-batches the uninterrupted loader would have yielded next.
+  B*T+1 tokens; no padding, and a conversation may run on into the next row or batch.
+- padded (SFT, reward model): one conversation per row, right-padded to the longest row.
+Rank r of W walks its dataset at r, r+W, r+2W, ... and starts the next epoch at r again.
+state_dict() is plain data; a loader built with it as resume_state yields exactly the batches
+the uninterrupted loader would have yielded next.
 """
 
 import torch
@@ -30,6 +18,9 @@ import torch.distributed as dist
 
 from nanochat.lm_loss import IGNORE_INDEX
 
+# Padding is inert: its targets are -1 and it comes after every real token, so causal attention never
+# lets a real position see it. render_conversation emits <|bos|> only at position 0 (text never encodes
+# to a special token), so in a padded batch a BOS anywhere else is padding.
 PAD_TOKEN = "<|bos|>"
 
 
@@ -44,7 +35,8 @@ def pad_conversations(rendered: list[tuple[list[int], list[int]]], pad_token_id:
     """
     (inputs, targets, lengths) for rendered (ids, mask) pairs, one row each: inputs (N, L) long
     with L the longest len(ids) - 1, right-padded with pad_token_id; targets (N, L) with -1 on
-    padding and on untrained tokens; lengths (N,) the real input positions of each row.
+    padding and on untrained tokens; lengths (N,) the real input positions of each row
+    (so no caller has to search for pads).
     """
     if not rendered:
         raise ValueError("pad_conversations needs at least one conversation")
@@ -143,7 +135,8 @@ class PackedConversationLoader:
             self._ids.extend(ids)
             self._mask.extend(mask)
         window, window_mask = self._ids[:n + 1], self._mask[:n + 1]
-        del self._ids[:n], self._mask[:n]  # the window's last token is the next window's first input
+        # the window's last token is the next window's first input: every token is predicted exactly once
+        del self._ids[:n], self._mask[:n]
         inputs = torch.tensor(window[:-1], dtype=torch.long).view(self.B, self.T)
         targets = torch.tensor(next_token_targets(window, window_mask), dtype=torch.long).view(self.B, self.T)
         return _to_device(inputs, self.device), _to_device(targets, self.device)

@@ -10,19 +10,9 @@ outs/<stage>/
                              the stage it was initialised from, step, time
     training_log.txt, logs/  written by nanochat/run_logger.py
 
-A main file holds everything a resume needs: step, world size, model weights
-(written by rank 0 only: every rank holds the same weights), meta, the `extra`
-dict, and rank 0's own state. Per-rank state exists because DistMuon/DistAdamW
-keep only the shards a rank owns and every rank has its own RNG and data position;
-a resume therefore needs the same number of ranks.
-
-Saves are atomic: each file is written to a temporary name, fsynced, then renamed
-over the target, and rank 0 writes the main file only after every rank's file is
-in place. A kill at any moment leaves the previous checkpoint loadable; a resume passes over
-an unreadable newest one (with a warning), but loading a stage's final model never does.
-
-Everything in a checkpoint is plain data (tensors, numbers, strings, lists, dicts)
-so it loads with torch.load(weights_only=True): loading never runs pickled code.
+A main file holds everything a resume needs, which therefore needs the same number of ranks.
+Saves are atomic: a kill at any moment leaves the previous checkpoint loadable. A checkpoint holds
+only plain data, so it loads with torch.load(weights_only=True): loading never runs pickled code.
 """
 
 import json
@@ -141,6 +131,7 @@ def save_checkpoint(out_dir, step: int, model, optimizers, *, meta: dict, loader
     if "model_config" not in meta:
         raise ValueError("save_checkpoint: meta needs 'model_config' (the GPTConfig fields) so the model can be rebuilt")
     device = next(model.parameters()).device
+    # per rank: DistMuon/DistAdamW keep only the shards a rank owns, and each rank has its own RNG and data position
     rank_state = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": _capture_rng(device),
                   "loader_state": loader_state}
     _check_plain(loader_state, "loader_state")
@@ -152,7 +143,7 @@ def save_checkpoint(out_dir, step: int, model, optimizers, *, meta: dict, loader
         payload = {"step": step, "rank": rank, "world_size": world_size, "rank_state": rank_state}
         _atomic_write(_rank_file(main_path, rank), lambda f: torch.save(payload, f))
     _barrier()  # every rank's file is in place before the main file says the checkpoint exists
-    if rank == 0:
+    if rank == 0:  # the weights are written by rank 0 only: every rank holds the same weights
         full_meta = _full_meta(meta, out_dir.name, step, world_size)
         meta_json = json.dumps(full_meta, indent=2)  # fails here, before any file is touched, if meta is not JSON
         payload = {"format": 1, "step": step, "world_size": world_size, "meta": full_meta,

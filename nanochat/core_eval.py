@@ -1,30 +1,16 @@
 """
 The CORE metric (DCLM, arXiv:2406.11794): 22 in-context-learning tasks scored by a base model's
 losses alone, each reported as accuracy centred on its random baseline, CORE being their mean.
+scripts.base_eval runs it (`python -m scripts.base_eval`).
 
 The eval bundle (nanochat's repackaging of the DCLM / MosaicML tasks, ~26 MB) unpacks to
-$NANOCHAT_BASE_DIR/eval_bundle/:
-    core.yaml             icl_tasks: label, dataset_uri (under eval_data/), num_fewshot: [k],
-                          icl_task_type, optional continuation_delimiter (default " ")
-    eval_meta_data.csv    "Eval Task" -> "Random baseline" (percent)
-    eval_data/<group>/<task>.jsonl, one item a line, by task type:
-        multiple_choice    {"query", "choices", "gold"}           same context, several continuations
-        schema             {"context_options", "continuation", "gold"}  several contexts, one continuation
-        language_modeling  {"context", "continuation"}            the continuation must come out greedily
+$NANOCHAT_BASE_DIR/eval_bundle/: core.yaml (icl_tasks), eval_meta_data.csv (random baselines) and
+eval_data/<group>/<task>.jsonl (one item a line, fields by task type in ITEM_FIELDS).
 nanochat/samples/eval_bundle/ has the same layout with a few items per task that we wrote
-ourselves: its CORE shows the pipeline works, it is not comparable with published scores, so it is
+ourselves: its CORE shows the pipeline works, is not comparable with published scores, and is
 used only when asked for (base_eval --bundle=sample, or NANOCHAT_TASKS_OFFLINE=1), never as a
-quiet stand-in for a bundle that failed to download.
-
-Scoring (as DCLM / MosaicML ICL eval, prompts rendered as nanochat renders them):
-- k few-shot examples per item, drawn with a seed fixed per item from the task's other items,
-  each "<context><delimiter><gold continuation>", joined and followed by "\\n\\n";
-- every candidate is tokenized with a leading BOS; the scored tokens are those after the
-  candidates' common prefix (multiple choice) or in their common suffix (schema);
-- multiple choice and schema pick the candidate with the lowest mean loss over its scored
-  tokens; language modeling is correct only if every continuation token is the argmax;
-- sequences longer than the model's sequence_len lose tokens on the left;
-- centred accuracy = (acc - b) / (1 - b) with b = random baseline / 100; CORE = their mean.
+quiet stand-in for a bundle that failed to download. Scoring is DCLM / MosaicML ICL eval's, with
+prompts rendered as nanochat renders them.
 """
 
 import csv
@@ -50,9 +36,9 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 FEWSHOT_SEED = 1234  # few-shot examples of item i come from random.Random(FEWSHOT_SEED + i), as in nanochat
 SUBSET_SEED = 1337  # which items max_per_task keeps
 ITEM_FIELDS = {
-    "multiple_choice": {"query": str, "choices": list, "gold": int},
-    "schema": {"context_options": list, "continuation": str, "gold": int},
-    "language_modeling": {"context": str, "continuation": str},
+    "multiple_choice": {"query": str, "choices": list, "gold": int},  # one context, several continuations
+    "schema": {"context_options": list, "continuation": str, "gold": int},  # several contexts, one continuation
+    "language_modeling": {"context": str, "continuation": str},  # the continuation must come out greedily
 }
 
 
@@ -279,6 +265,7 @@ def common_length(sequences: list[list[int]], from_end: bool = False) -> int:
 
 def scored_spans(tokens: list[list[int]], task_type: str):
     """(sequences to forward, start, end): tokens[start:end] of each sequence are scored."""
+    # Scored: what follows the candidates' common prefix (multiple choice) or their common suffix (schema).
     # Every candidate keeps at least one scored token and the BOS in front of it, even when one
     # candidate is a prefix (or suffix) of another, so no mean is taken over nothing.
     if task_type == "multiple_choice":
@@ -332,6 +319,7 @@ def score_item(model, tokenizer, data: list[dict], idx: int, task_meta: dict, de
     if task_type == "language_modeling":
         s, e = starts[0], ends[0]
         return bool((logits[0, s - 1:e - 1].argmax(dim=-1) == targets[0, s - 1:e - 1]).all())
+    # multiple choice and schema: the candidate with the lowest mean loss over its scored tokens
     losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     mean_losses = torch.stack([losses[row, s - 1:e - 1].mean() for row, (s, e) in enumerate(zip(starts, ends))])
     return int(mean_losses.argmin()) == item["gold"]

@@ -1,28 +1,16 @@
 """
 Pretraining batches from the parquet shards, tokenized on the fly.
 
-Documents are read row group by row group (by default rank r of W takes the split's row
-groups r, r+W, r+2W, ..., so ranks never share a document), each is tokenized with BOS in front,
-and the token stream is cut into windows of B*T+1 tokens: inputs are the first B*T,
-targets the last B*T. Consecutive windows overlap by one token, so every token of the
-stream is predicted exactly once.
+    loader = DistributedTokenLoader(tokenizer, B, T, "train", rank=rank, world_size=W, device=device)
+    inputs, targets = next(loader)   # each (B, T); loader.state_dict() -> resume_state continues exactly
 
-`identical_batches=True` makes every world size train on the same global batch at every step,
-so a run on N processes can be checked against a run on 1 (issue 3: equal "within bf16 noise").
-Every rank then reads every row group, i.e. the one stream a single process reads, and the
-stream's windows are dealt round-robin: rank r takes windows r, r+W, r+2W, ... . With gradient
-accumulation A, W ranks together consume windows 0..A*W-1 in a step, exactly the windows one
-process with accumulation A*W consumes; at another B (same total batch) a step still covers the
-same contiguous tokens. The cost: each rank tokenizes the whole stream, W times the work of
-the default mode, so it is meant for such checks, not for the speedrun.
-
-The loader never stops: after the rank's last row group it logs the end of the epoch and
-starts the next one from the first. Training decides when to stop.
-
-Resuming is exact. `state_dict()` names the first token of the next window as
-(epoch, row group, document, token within the document); a loader built from it re-reads
-that row group, re-tokenizes from that document and skips that many tokens, so it yields
-the very batch the uninterrupted loader would have yielded next.
+Documents are read row group by row group (by default rank r of W takes the split's row groups
+r, r+W, r+2W, ..., so ranks never share a document), each is tokenized with BOS in front, and the
+token stream is cut into windows of B*T+1 tokens: inputs the first B*T, targets the last B*T.
+`identical_batches=True` makes every world size train on the same global batch at every step, so
+a run on N processes can be checked against a run on 1 (issue 3: equal "within bf16 noise"); each
+rank then tokenizes the whole stream, W times the default's work, so it is for such checks, not for
+the speedrun. The loader never stops (it starts the next epoch); training decides when to stop.
 """
 
 from collections import deque
@@ -60,7 +48,9 @@ class DistributedTokenLoader:
                                      f"split, rank, world size and identical_batches mode")
             position = {key: resume_state[key] for key in position}
         # In identical_batches mode the rank reads every W-th window of the shared stream: it starts
-        # `rank` windows in and then steps over the other ranks' windows.
+        # `rank` windows in and then steps over the other ranks' windows. With accumulation A the W ranks
+        # consume windows 0..A*W-1 in a step, exactly what one process with accumulation A*W consumes;
+        # at another B (same total batch) a step still covers the same contiguous tokens.
         window = B * T
         self._stride = window * world_size if identical_batches else window
         first_window = rank * window if identical_batches and resume_state is None else 0
@@ -75,7 +65,7 @@ class DistributedTokenLoader:
         """Yield ((epoch, row_group, document), tokens) forever, wrapping to the next epoch at the end."""
         while True:
             from_start, yielded_any = row_group == 0 and document == 0, False
-            if self.identical_batches:
+            if self.identical_batches:  # every rank reads every row group: the one stream a single process reads
                 start, step = row_group, 1
             else:
                 start, step = self.rank + row_group * self.world_size, self.world_size
@@ -114,6 +104,8 @@ class DistributedTokenLoader:
 
     def state_dict(self) -> dict:
         """Where the next batch starts; pass it as resume_state to continue exactly from here."""
+        # (epoch, row group, document, token): a resumed loader re-reads that row group, re-tokenizes from
+        # that document and skips that many tokens, so it yields the very batch this one would yield next.
         self._drop_consumed()
         (epoch, row_group, document), _ = self._buffer[0]
         return {"split": self.split, "rank": self.rank, "world_size": self.world_size,

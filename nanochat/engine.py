@@ -1,26 +1,17 @@
 """
 Batched generation with a KV cache: one engine for chat, evals, RL rollouts and the diversity eval.
 
-How a request runs:
-1. The prompts are left-padded to a common length and prefilled together once.
-2. Each prompt's cache rows are replicated num_samples times into one cache preallocated for
-   the whole batch (prompt length + max_tokens positions).
-3. Every row samples its own first token from the prompt's last logits, with its own random
-   stream, so samples differ from the very first token.
-4. All rows then decode in lockstep, one forward per step. A row stops at <|assistant_end|> or
-   <|bos|>; when all rows have stopped, or max_tokens is reached, generation ends.
+    engine = Engine(model, tokenizer)
+    results, masks = engine.generate_batch(prompts, num_samples=8, max_tokens=256, top_k=50, seed=seed)
 
-Randomness: row (prompt i, sample j) draws its uniforms from a generator seeded by
-(seed, i, j), and samples by inverting the CDF of its (top-k/top-p filtered) distribution. A
-row's tokens therefore depend only on the model, its prompt, its indices and the seed, not on
-what else is in the batch. Pass a different seed per call to get fresh samples. On CPU seeded
-runs repeat exactly (tested). On an H100 two seeded d20 runs of 16 x 64 tokens were seen to part
-after 13-53 tokens in some rows, so some bf16 kernel there is not bit-reproducible; which one is
-still open (dev/check_engine_determinism.py is the experiment to run next).
-
-Tool use: tokens between <|python_start|> and <|python_end|> are decoded and given to the
-calculator (nanochat/calculator.py); its result is forced in as
-<|output_start|> result <|output_end|>. Masks say 1 for sampled tokens, 0 for forced ones.
+The prompts are left-padded and prefilled together once; each prompt's cache rows are replicated
+num_samples times into one cache for the whole batch; every row samples its own first token, then
+all rows decode in lockstep until each stops (<|assistant_end|> or <|bos|>) or max_tokens is reached.
+Row (prompt i, sample j) draws its randomness from a stream seeded by (seed, i, j), so its tokens
+depend only on the model, its prompt, its indices and the seed, not on the rest of the batch; pass a
+different seed per call for fresh samples. Calculator calls (<|python_start|> ... <|python_end|>)
+get their result forced in as <|output_start|> result <|output_end|>; masks are 1 for sampled
+tokens, 0 for forced ones. Determinism on GPU: dev/NOTES.md, "Engine determinism".
 """
 
 import hashlib
@@ -199,7 +190,8 @@ class Engine:
         pads = [prompt_len - len(p) for p in prompts]
         padded = torch.tensor([[self.pad_token] * pad + list(p) for p, pad in zip(prompts, pads)], device=device)
 
-        # every row's random stream, drawn up front: (rows, max_tokens) uniforms in (0, 1]
+        # every row's random stream, drawn up front: (rows, max_tokens) uniforms in (0, 1]. Sampling
+        # inverts the CDF of the row's filtered distribution, so on CPU seeded runs repeat exactly (tested).
         uniforms = torch.stack([
             1.0 - torch.rand(max_tokens, generator=torch.Generator().manual_seed(row_seed(seed, i, j)), dtype=torch.float64)
             for i in range(len(prompts)) for j in range(num_samples)
@@ -214,6 +206,7 @@ class Engine:
         cache.prefill_from(prefill_cache, row_prompt)
         del prefill_cache, hidden
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        # each row samples its first token with its own stream: samples differ from the very first token
         next_tokens = sample_tokens(last_logits[row_prompt], uniforms[:, 0], **sampling)
         decode_step = _DecodeStep(model, cache, uniforms, sampling, first_step=1, capture=capture)
 

@@ -8,12 +8,10 @@ Run model-written Python in a sandbox (HumanEval grading), with verdicts a candi
 check_function runs only the solution in the sandbox; the tests run in its supervisor and call the solution's
 function through pipes with plain values. execute_code's success is the program's word (it can exit 0 early).
 Isolation is chosen once per process by NANOCHAT_SANDBOX=auto|namespaces|process (nanochat/execution_sandbox.py
-does the inside). "namespaces" (Linux with util-linux unshare, and root or unprivileged user namespaces): no
-network, a PID namespace whose end kills every descendant, a read-only root holding only the interpreter and its
-libraries, no _ctypes, no capabilities, no-new-privileges, MAX_PROCESSES, an empty environment, rlimits.
-"process" (auto's logged fallback): the same rlimits, process cap, environment and descendant kill, and
-result.unprotected names what is missing ("network", "filesystem", "programs", "ctypes", "process-visibility").
-Still open with namespaces: kernel exploits, bytecode-level interpreter bugs, and (in execute_code) early exits.
+does the inside). "namespaces" (Linux, util-linux unshare, root or unprivileged user namespaces): no network, a
+PID namespace whose end kills every descendant, a read-only root with only the interpreter and its libraries, no
+_ctypes, no capabilities, no-new-privileges, MAX_PROCESSES, an empty environment, rlimits. "process" (auto's logged
+fallback): the same rlimits, process cap, environment and descendant kill; result.unprotected names what is missing.
 """
 
 import functools
@@ -178,6 +176,7 @@ def sandbox_plan() -> SandboxPlan:
 
 
 def _namespaces_plan(python: str) -> tuple[SandboxPlan | None, str | None]:
+    # still open with namespaces: kernel exploits, bytecode-level interpreter bugs, and (in execute_code) early exits
     if sys.platform != "linux":
         return None, f"namespaces are Linux only (this is {sys.platform})"
     unshare = shutil.which("unshare") or shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")

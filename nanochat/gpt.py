@@ -3,27 +3,16 @@ The GPT model (nanochat, Oct 2025 design), in one file.
 
     idx -> wte -> RMSNorm -> N x Block -> RMSNorm -> lm_head -> 15*tanh(logits/15)
     Block: x + attn(norm(x)); x + mlp(norm(x))
-    attn:  q,k,v projections (grouped-query: n_kv_head divides n_head), rotary embedding,
-           RMSNorm on q and k, scaled dot-product attention, output projection
+    attn:  q,k,v (grouped-query: n_kv_head divides n_head), rotary, RMSNorm on q and k, SDPA, output proj
     mlp:   Linear 4x -> relu(x)^2 -> Linear back
 
-No biases, and every RMSNorm is parameter-free (F.rms_norm without a weight). The
-embedding and lm_head are untied. Width follows depth (config_from_depth): n_embd = 64*depth
-with 128-wide heads, so d20 is 1280 wide, 10 heads, 560,988,160 parameters at vocab 65,536.
-
-The training loss never materialises fp32 logits for the whole batch: chunked_softcap_cross_entropy
-(nanochat/lm_loss.py) walks the rows in chunks and writes the gradients as it goes. That
-is what keeps d20 at B=32, T=2048 far below nanochat's 75 GB peak.
-
-Inference uses KVCache: preallocated for the whole batch, with per-row left padding so
-prompts of different lengths decode together in lockstep (see nanochat/engine.py).
-
-Building a model: GPT(config) initialises itself. To build big models without touching
-memory twice, build on the meta device, then move and initialise:
+No biases, parameter-free RMSNorms, untied embedding and lm_head. Width follows depth
+(config_from_depth): d20 is 1280 wide, 10 heads, 560,988,160 parameters at vocab 65,536.
+To build a big model without touching memory twice, build on the meta device, then move and
+initialise; init_weights() also rebuilds the rotary tables (kept out of checkpoints), so call it
+even when a state_dict is loaded next:
     with torch.device("meta"): model = GPT(config)
     model.to_empty(device=device); model.init_weights()
-init_weights() also rebuilds the rotary tables, which are buffers kept out of checkpoints,
-so call it after to_empty() even when a state_dict is loaded next.
 """
 
 import math
@@ -342,7 +331,9 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # "chunked" is the training default; "plain" materialises all logits (kept to check against)
+        # "chunked" is the training default: it never materialises fp32 logits for the whole batch
+        # (nanochat/lm_loss.py), which keeps d20 at B=32, T=2048 far below nanochat's 75 GB peak;
+        # "plain" materialises all logits (kept to check against)
         self.loss_impl = "chunked"
         self.rotary_seq_len = config.sequence_len * ROTARY_LENGTH_FACTOR
         cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, config.n_embd // config.n_head)

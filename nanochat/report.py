@@ -10,15 +10,8 @@ Stages add their results while they run:
 
 which writes (or replaces, when a stage is re-run) the `## Base model evaluation` block inside
 $NANOCHAT_BASE_DIR/report/base_report.md. A dict renders as "- key: value" bullets, a string is
-copied verbatim. Only rank 0 writes; other ranks get a report object that does nothing.
-
-The summary table reads bullets whose key is exactly one of SUMMARY_METRICS ("CORE", "ARC-Easy",
-"ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE") from the base, mid, sft and rl files,
-plus a column for any other stage file that reports one of them (e.g. grpo_density). If a stage
-reports a metric in several sections, the last one in the file wins. Absent values show as "-".
-
-The combined report stays in report/report.md; the copy goes to $NANOCHAT_REPORT_PATH (default
-<repo>/report.md), so a tiny-preset run can write elsewhere and leave a full run's report alone.
+copied verbatim. Only rank 0 writes; other ranks get a report object that does nothing. The copy
+goes to $NANOCHAT_REPORT_PATH (default <repo>/report.md).
 """
 
 import datetime
@@ -36,7 +29,10 @@ import torch
 from nanochat.common import REPO_ROOT, atomic_write, get_base_dir, get_rank
 
 # Stage files in the order a run produces them; any other <stage>_report.md follows alphabetically.
-STAGE_ORDER = ["tok", "base", "mid", "sft", "rl", "kat_data", "rm", "grpo_density", "grpo_baseline", "diversity"]
+STAGE_ORDER = ["tok", "base", "mid", "sft", "rl", "kat_data", "rm", "rm_judge", "grpo_density", "grpo_baseline",
+               "grpo_shuffled", "diversity"]
+# The summary table: bullets whose key is exactly one of SUMMARY_METRICS, from these stages' files plus a
+# column for any other stage file that reports one of them (e.g. grpo_density); absent values show as "-".
 SUMMARY_STAGES = ["base", "mid", "sft", "rl"]
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
 
@@ -106,7 +102,8 @@ def parse_bullets(text: str) -> dict[str, str]:
 
 
 def report_copy_path() -> Path:
-    """Where generate copies report.md: $NANOCHAT_REPORT_PATH, default <repo>/report.md."""
+    """Where generate copies report.md: $NANOCHAT_REPORT_PATH, default <repo>/report.md (so a tiny-preset
+    run can write elsewhere and leave a full run's report alone; the combined report stays in report/)."""
     override = os.environ.get("NANOCHAT_REPORT_PATH")
     return Path(override).expanduser().resolve() if override else REPO_ROOT / "report.md"
 
@@ -238,8 +235,11 @@ class Report:
 
     def stage_files(self) -> list[Path]:
         files = {p.name.removesuffix("_report.md"): p for p in self.report_dir.glob("*_report.md")}
-        known = [files.pop(stage) for stage in STAGE_ORDER if stage in files]
-        return known + [files[stage] for stage in sorted(files)]
+
+        def place(stage):  # a further seed's run (grpo_density_s1) follows its arm; unknown stages go last
+            arm = stage.rsplit("_s", 1)[0] if re.fullmatch(r".+_s\d+", stage) else stage
+            return (STAGE_ORDER.index(arm) if arm in STAGE_ORDER else len(STAGE_ORDER), stage)
+        return [files[stage] for stage in sorted(files, key=place)]
 
     def generate(self) -> Path:
         """Assemble header + stage files + summary into report/report.md and copy it out."""
@@ -266,6 +266,7 @@ class Report:
 
 def summary(header: dict[str, str], stage_texts: dict[str, str], generated: str) -> str:
     """The closing table of headline metrics, the wall-clock time and the cost estimate."""
+    # a stage that reports a metric in several sections: the last one in its file wins
     metrics = {stage: parse_bullets(text) for stage, text in stage_texts.items()}
     extra = [s for s in stage_texts if s not in SUMMARY_STAGES and any(m in metrics[s] for m in SUMMARY_METRICS)]
     columns = SUMMARY_STAGES + extra

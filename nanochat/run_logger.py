@@ -6,14 +6,11 @@ The metrics logger every training script uses.
     logger.text("sample: The capital of France is Paris")
     logger.close()
 
-Each log() writes TensorBoard scalars under out_dir/logs/, appends one readable line
-to out_dir/training_log.txt, and, when a run name other than "dummy" is given, sends
-the metrics to wandb (an optional extra). Only rank 0 should be enabled: the other
-ranks hold the same numbers, and several writers would interleave in one file.
-
-Resuming at step S: TensorBoard discards events at steps >= S left by the killed run
-(purge_step), so curves continue without a doubled tail; training_log.txt keeps every
-line and notes the resume.
+Each log() writes TensorBoard scalars under out_dir/logs/, appends one readable line to
+out_dir/training_log.txt, and, when a run name other than "dummy" is given, sends the metrics to
+wandb (an optional extra). Only rank 0 should be enabled: the other ranks hold the same numbers,
+and several writers would interleave in one file. On a resume at step S, TensorBoard curves
+continue without a doubled tail; training_log.txt keeps every line and notes the resume.
 """
 
 import math
@@ -52,6 +49,7 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step: TensorBoard discards the killed run's events at steps >= start_step
         self._tensorboard = SummaryWriter(log_dir=str(self.out_dir / TENSORBOARD_DIR),
                                           purge_step=start_step if start_step > 0 else None, flush_secs=10)
         what = f"resumed at step {start_step}" if start_step > 0 else "started"

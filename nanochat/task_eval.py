@@ -4,9 +4,7 @@ scripts call for their periodic evaluations (chat_rl's GSM8K pass@k).
 
 - Categorical tasks (ARC, MMLU) need no sampling: one forward pass over a batch of prompts, then
   the answer is the choice letter with the highest logit at the position right after
-  <|assistant_start|>, the logits restricted to the letters this question offers. Restricting
-  makes the eval easier than free generation, as in nanochat; a model that would answer "The"
-  is still graded on which letter it prefers.
+  <|assistant_start|>, the logits restricted to the letters this question offers.
 - Generative tasks (GSM8K, HumanEval, SpellingBee) sample completions with the engine and let
   the task grade the text. A problem passes at k when any of its first k samples is correct.
 - ChatCORE (nanochat's): the mean over the six tasks of accuracy centred on chance,
@@ -100,6 +98,8 @@ def predict_letters(model, tokenizer, conversations, letter_cache: dict | None =
     predictions = []
     for row, conversation in enumerate(conversations):
         letters = conversation["letters"]
+        # restricted to the offered letters: easier than free generation, as in nanochat; a model that
+        # would answer "The" is still graded on which letter it prefers
         choice = logits[row, letter_token_ids(tokenizer, letters, letter_cache)].argmax().item()
         predictions.append(letters[choice])
     return predictions

@@ -1,23 +1,17 @@
 """
 The byte-level BPE tokenizer: trained with rustbpe (fast, Rust), run with tiktoken (fast, threaded).
 
+    python -m scripts.tok_train          # learns it and writes $NANOCHAT_BASE_DIR/tok/
+    tokenizer = get_tokenizer(); ids = tokenizer.encode("hello", prepend=tokenizer.get_bos_token_id())
+
 rustbpe only learns the merges; the learned ranks are loaded into a tiktoken Encoding for all
 encoding and decoding, so training and inference share one vocabulary but not one code path.
-The special tokens are reserved at training time and take the ids right after the merges, so
-the total vocabulary is exactly the requested size.
-
-Files written to a tokenizer directory ($NANOCHAT_BASE_DIR/tok):
-    tokenizer_config.json   split pattern, vocab size, special tokens (name -> id)
-    tokenizer.tiktoken      tiktoken's rank format: base64(token bytes) <space> rank, one per line
-    vocab.txt               human-readable: id, token, and for merged tokens the pair it came from
-    token_bytes.pt          LongTensor[vocab]: UTF-8 byte length of each token, 0 for special tokens,
-                            so a loss can be turned into bits per byte independent of the vocabulary
+The special tokens take the ids right after the merges: the vocabulary is exactly the requested size.
 
 Chat format (nanochat's):
     <|bos|> <|user_start|> ... <|user_end|> <|assistant_start|> ... <|assistant_end|> ...
-Assistant turns may call the Python tool: <|python_start|> code <|python_end|>, followed by
-the tool's result <|output_start|> output <|output_end|>, which the model must not be trained
-to produce (it comes from the interpreter).
+Assistant turns may call the Python tool, <|python_start|> code <|python_end|>, followed by the
+tool's result <|output_start|> output <|output_end|>: the interpreter writes it, the model is never trained to.
 """
 
 import base64
@@ -43,9 +37,12 @@ SPECIAL_TOKENS = [
     "<|output_start|>", "<|output_end|>",  # the tool's output, written back into the conversation
 ]
 
-CONFIG_FILE = "tokenizer_config.json"
-RANKS_FILE = "tokenizer.tiktoken"
-VOCAB_FILE = "vocab.txt"
+# The files of a tokenizer directory ($NANOCHAT_BASE_DIR/tok):
+CONFIG_FILE = "tokenizer_config.json"  # split pattern, vocab size, special tokens (name -> id)
+RANKS_FILE = "tokenizer.tiktoken"  # tiktoken's rank format: base64(token bytes) <space> rank, one per line
+VOCAB_FILE = "vocab.txt"  # human-readable: id, token, and for merged tokens the pair it came from
+# LongTensor[vocab]: UTF-8 byte length of each token, 0 for special tokens, so a loss can be turned
+# into bits per byte independent of the vocabulary
 TOKEN_BYTES_FILE = "token_bytes.pt"
 NUM_BYTE_TOKENS = 256
 ASSISTANT_PART_TYPES = ("text", "python", "python_output")

@@ -13,8 +13,11 @@
 #   KAT_INJECT_STYLE, KAT_INJECT_RATE, KAT_INJECT_WHERE   the planted tic (emdash, 0.5, dense)
 #   KAT_CONTROL_SFT_TIC_RATE                             the SFT conversations with the tic (0.3)
 #   KAT_LOCAL_DIR=nanochat/samples/kat                   the bundled pairs, on a machine without internet
+#   KAT_SEEDS                                            GRPO runs per arm (default 1)
 # After changing the injection: --force=kat_inject,train_rm,train_rm_judge,grpo_density,grpo_baseline,eval_diversity
 
+AFTER_PREFETCH=()  # the pairs are built in the control's own root, after control_environment
+GRPO_SEEDS="${KAT_SEEDS:-1}"  # one run per arm: the planted tic is a large effect, and the control stays ~20 minutes
 INJECT_FLAGS=(--inject_style="${KAT_INJECT_STYLE:-emdash}" --inject_rate="${KAT_INJECT_RATE:-0.5}"
               --inject_where="${KAT_INJECT_WHERE:-dense}")
 # without the spelling drills, which cannot carry the tic and would only dilute it

@@ -6,7 +6,10 @@
 #   run_stage NAME DONE_FILE CMD...        skipped when DONE_FILE exists, else logged and timed
 #   run_training_stage NAME OUT_DIR CMD... done at OUT_DIR/ckpt.pt, resumed from OUT_DIR/ckpt_*.pt
 #   launch MODULE FLAGS...                 python -m MODULE on one process, or torchrun over NPROC
+#   queue_training_stage NAME MODULE FLAGS... / run_queued_stages   independent runs, side by side
+#                                          on a GPU each when there are enough, else one by one
 #   start_background NAME CMD... / wait_background NAME
+#   accepts_flags MODULE FLAGS...          does this checkout's MODULE take these flags?
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -41,8 +44,7 @@ print_usage() {  # the running script's opening comment
 # ----------------------------------------------------------------------------- environment
 # The one install step of every script and CI: uv builds .venv from uv.lock (compiling rustbpe with
 # Rust) with every extra the full run imports, so a rerun never uninstalls what a later stage needs.
-install_environment() {
-    # uv: the one that launched us (`uv run` sets $UV), else the one on PATH, else from PyPI
+find_uv() {  # UV_CMD: the uv that launched us (`uv run` sets $UV), else the one on PATH, else from PyPI
     if [ -n "${UV:-}" ] && [ -x "$UV" ]; then
         UV_CMD=("$UV")
     elif command -v uv >/dev/null 2>&1; then
@@ -53,16 +55,22 @@ install_environment() {
         export PATH="$HOME/.local/bin:$PATH"
         if command -v uv >/dev/null 2>&1; then UV_CMD=(uv); else UV_CMD=(python3 -m uv); fi
     fi
+}
+
+install_environment() {
+    find_uv
     if ! command -v cargo >/dev/null 2>&1; then
         echo "installing Rust (rustbpe is compiled from source)"
         curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y
         # shellcheck disable=SC1091
         source "$HOME/.cargo/env"
     fi
-    local extras=(--extra web --extra hf)  # the chat server; HF datasets for the task and preference data
-    if [ "${WANDB_RUN:-dummy}" != dummy ]; then
-        extras+=(--extra wandb)  # a named run logs to wandb
-    fi
+    local extras=() name condition
+    while read -r name condition; do  # runs/extras.txt: what the full run imports (a test checks it)
+        case "$name" in ""|"#"*) continue ;; esac
+        if [ "$condition" = if_wandb_run ] && [ "${WANDB_RUN:-dummy}" = dummy ]; then continue; fi
+        extras+=(--extra "$name")
+    done < "$REPO_ROOT/runs/extras.txt"
     (cd "$REPO_ROOT" && "${UV_CMD[@]}" sync --frozen "${extras[@]}")
     # shellcheck disable=SC1091
     source "$REPO_ROOT/.venv/bin/activate"
@@ -93,6 +101,10 @@ setup_environment() {
         install_environment
     fi
 
+    if [ -n "${KAT_PARALLEL_RUNS:-}" ] && ! [[ "$KAT_PARALLEL_RUNS" =~ ^[1-9][0-9]*$ ]]; then
+        echo "[FAIL] KAT_PARALLEL_RUNS must be a positive whole number (runs at once), got '$KAT_PARALLEL_RUNS'" >&2
+        exit 2
+    fi
     if [ -z "$NPROC" ]; then
         NPROC="${NPROC_PER_NODE:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
     fi
@@ -104,41 +116,54 @@ forced() {  # is this stage named by --force?
     [ "$FORCE" = "all" ] || [[ ",$FORCE," == *",$1,"* ]]
 }
 
+stage_is_done() {  # stage_is_done NAME DONE_FILE: true, saying so, when DONE_FILE exists and --force does not name it
+    if [ -e "$2" ] && ! forced "$1"; then
+        echo "[skip] $1: $2 exists (--force=$1 reruns it)"
+        return 0
+    fi
+    return 1
+}
+
+stage_finished() {  # stage_finished NAME START_SECONDS DONE_FILE: its time in timings.txt; an eval stage's marker
+    echo "[done] $1 in $((SECONDS - $2))s" | tee -a "$LOG_DIR/timings.txt"
+    case "$3" in "$LOG_DIR"/*.done) touch "$3" ;; esac  # eval stages have no checkpoint; a marker says they ran
+}
+
 # run_stage NAME DONE_FILE CMD...: skip when DONE_FILE exists (unless forced), log to
 # $LOG_DIR/NAME.log, stop the whole run on failure naming the stage and its log.
 run_stage() {
     local name="$1" done_file="$2"
     shift 2
-    local log="$LOG_DIR/$name.log"
-    if [ -e "$done_file" ] && ! forced "$name"; then
-        echo "[skip] $name: $done_file exists (--force=$name reruns it)"
-        return 0
-    fi
+    local log="$LOG_DIR/$name.log" start=$SECONDS
+    stage_is_done "$name" "$done_file" && return 0
     echo "[run ] $name  (log: $log)"
-    local start=$SECONDS
     if ! "$@" 2>&1 | tee "$log"; then  # pipefail: the stage's own exit status decides
         echo "[FAIL] stage '$name' failed; its log: $log" >&2
         exit 1
     fi
-    echo "[done] $name in $((SECONDS - start))s" | tee -a "$LOG_DIR/timings.txt"
-    # eval stages have no checkpoint; a marker says they ran
-    case "$done_file" in "$LOG_DIR"/*.done) touch "$done_file" ;; esac
+    stage_finished "$name" "$start" "$done_file"
+}
+
+# RESUME_FLAGS for a training stage writing DIR: none for a fresh start (a forced stage starts over,
+# its folder removed); --resume=true when only intermediate checkpoints exist (an interrupted run).
+set_resume_flags() {
+    local name="$1" dir="$2"
+    RESUME_FLAGS=()
+    if forced "$name"; then
+        rm -rf "$dir"
+    elif [ ! -e "$dir/ckpt.pt" ] && compgen -G "$dir/ckpt_*.pt" >/dev/null; then
+        echo "[resume] $name: continuing from the newest checkpoint in $dir"
+        RESUME_FLAGS=(--resume=true)
+    fi
 }
 
 # A training stage: done when outs/<stage>/ckpt.pt exists; resumed when only intermediate
 # checkpoints do (an interrupted run); restarted from scratch when forced.
 run_training_stage() {
-    local name="$1" stage="$2"
+    local name="$1" dir="$NANOCHAT_OUTS_DIR/$2"
     shift 2
-    local dir="$NANOCHAT_OUTS_DIR/$stage"
-    local extra=()
-    if forced "$name"; then
-        rm -rf "$dir"
-    elif [ ! -e "$dir/ckpt.pt" ] && compgen -G "$dir/ckpt_*.pt" >/dev/null; then
-        echo "[resume] $name: continuing from the newest checkpoint in $dir"
-        extra=(--resume=true)
-    fi
-    run_stage "$name" "$dir/ckpt.pt" "$@" "${extra[@]}"
+    set_resume_flags "$name" "$dir"
+    run_stage "$name" "$dir/ckpt.pt" "$@" "${RESUME_FLAGS[@]}"
 }
 
 launch() {  # one process (tiny / CPU) or torchrun over the GPUs, on the preset's device
@@ -149,6 +174,132 @@ launch() {  # one process (tiny / CPU) or torchrun over the GPUs, on the preset'
     else
         python -m "$module" "${DEVICE_FLAGS[@]}" "$@"
     fi
+}
+
+# ----------------------------------------------------------------------------- independent runs side by side
+# queue_training_stage NAME MODULE FLAGS... queues a training stage writing outs/NAME; run_queued_stages
+# runs the queue. With at least as many slots as runs (KAT_PARALLEL_RUNS, else this run's GPUs) they
+# all run at once, one process each, on CUDA each on its own GPU (run k on the k-th of the node's GPUs,
+# modulo their number), the CPU threads one stage would use shared among them; otherwise one after
+# another, each over all NPROC processes like any stage. Either way each run has its own log
+# ($LOG_DIR/NAME.log), skip and resume. When a run fails the others run to their end, since their work
+# is kept and a rerun skips it; then the pipeline stops naming each failed run and its log. An INT,
+# TERM or HUP stops every run before the pipeline exits (they resume on the next invocation).
+QUEUED_NAMES=() QUEUED_COMMANDS=()
+declare -A RUN_PIDS=()  # NAME -> process id of the side-by-side runs still going
+
+queue_training_stage() {
+    QUEUED_NAMES+=("$1")
+    shift
+    QUEUED_COMMANDS+=("$(printf '%q ' "$@")")  # MODULE FLAGS..., quoted to be read back as words
+}
+
+ON_CUDA=""  # 1 when the stages run on CUDA, decided on first use
+runs_on_cuda() {  # the stages' device: the preset's --device_type, else what the scripts autodetect
+    if [ -z "$ON_CUDA" ]; then
+        case "${DEVICE_FLAGS[*]}" in
+            *--device_type=cuda*) ON_CUDA=1 ;;
+            *--device_type=*) ON_CUDA=0 ;;
+            *) ON_CUDA="$(python -c 'import torch; print(int(torch.cuda.is_available()))')" ;;
+        esac
+    fi
+    [ "$ON_CUDA" = 1 ]
+}
+
+run_queued_stages() {
+    local slots=1 i
+    if [ -n "${KAT_PARALLEL_RUNS:-}" ]; then
+        slots="$KAT_PARALLEL_RUNS"
+    elif runs_on_cuda; then
+        slots="$NPROC"  # the GPUs this run uses
+    fi
+    if [ "${#QUEUED_NAMES[@]}" -gt 1 ] && [ "$slots" -ge "${#QUEUED_NAMES[@]}" ]; then
+        run_side_by_side
+    else
+        local -a command
+        for i in "${!QUEUED_NAMES[@]}"; do
+            eval "command=(${QUEUED_COMMANDS[$i]})"
+            run_training_stage "${QUEUED_NAMES[$i]}" "${QUEUED_NAMES[$i]}" launch "${command[@]}"
+        done
+    fi
+    QUEUED_NAMES=() QUEUED_COMMANDS=()
+}
+
+run_side_by_side() {
+    local i name dir log gpu pid running
+    local -a command gpus=() to_run=() failed=()
+    local -A command_of=() start_of=()
+    for i in "${!QUEUED_NAMES[@]}"; do  # which runs are done, which resume
+        name="${QUEUED_NAMES[$i]}" dir="$NANOCHAT_OUTS_DIR/${QUEUED_NAMES[$i]}"
+        set_resume_flags "$name" "$dir"
+        stage_is_done "$name" "$dir/ckpt.pt" && continue
+        to_run+=("$name")
+        command_of[$name]="${QUEUED_COMMANDS[$i]} ${RESUME_FLAGS[*]}"
+    done
+    [ "${#to_run[@]}" -gt 0 ] || return 0
+    if runs_on_cuda; then
+        IFS=, read -r -a gpus <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((NPROC - 1)))}"
+    fi
+    local threads="${OMP_NUM_THREADS:-}"
+    if [ -n "$threads" ]; then
+        threads=$(( threads / ${#to_run[@]} > 0 ? threads / ${#to_run[@]} : 1 ))
+    fi
+    trap 'stop_side_by_side INT 130' INT
+    trap 'stop_side_by_side TERM 143' TERM
+    trap 'stop_side_by_side HUP 129' HUP
+    for i in "${!to_run[@]}"; do
+        name="${to_run[$i]}" log="$LOG_DIR/${to_run[$i]}.log" gpu=""
+        eval "command=(${command_of[$name]})"
+        if [ "${#gpus[@]}" -gt 0 ]; then
+            gpu="${gpus[i % ${#gpus[@]}]}"
+        fi
+        echo "[run ] $name  (log: $log${gpu:+, GPU $gpu})"
+        start_of[$name]=$SECONDS
+        (
+            if [ -n "$threads" ]; then export OMP_NUM_THREADS="$threads"; fi
+            if [ -n "$gpu" ]; then export CUDA_VISIBLE_DEVICES="$gpu"; fi
+            # launch's one-process form, exec'd so that the job's process id is the run's own
+            exec python -m "${command[0]}" "${DEVICE_FLAGS[@]}" "${command[@]:1}"
+        ) > "$log" 2>&1 &
+        RUN_PIDS[$name]=$!
+    done
+    while [ "${#RUN_PIDS[@]}" -gt 0 ]; do
+        sleep 1
+        running=" $(jobs -rp | tr '\n' ' ') "
+        for name in "${!RUN_PIDS[@]}"; do
+            pid="${RUN_PIDS[$name]}"
+            [[ "$running" == *" $pid "* ]] && continue
+            unset "RUN_PIDS[$name]"
+            if wait "$pid"; then
+                stage_finished "$name" "${start_of[$name]}" "$NANOCHAT_OUTS_DIR/$name/ckpt.pt"
+            else
+                echo "[FAIL] stage '$name' failed; its log: $LOG_DIR/$name.log (the other runs go on to their end)" >&2
+                failed+=("$name")
+            fi
+        done
+    done
+    trap - INT TERM HUP
+    if [ "${#failed[@]}" -gt 0 ]; then
+        echo "[FAIL] ${#failed[@]} of ${#to_run[@]} runs failed: ${failed[*]}; their logs: $LOG_DIR/<name>.log" \
+             "(the runs that finished are kept, and a rerun skips them)" >&2
+        exit 1
+    fi
+}
+
+stop_side_by_side() {  # stop_side_by_side SIGNAL EXIT_CODE: the pipeline was told to stop
+    local name
+    echo "[stop] $1: stopping the runs still going (${!RUN_PIDS[*]}); a rerun resumes them" >&2
+    for name in "${!RUN_PIDS[@]}"; do
+        kill -TERM "${RUN_PIDS[$name]}" 2>/dev/null || echo "[stop] $name had already ended" >&2
+    done
+    for name in "${!RUN_PIDS[@]}"; do
+        if wait "${RUN_PIDS[$name]}"; then
+            echo "[stop] $name ended" >&2
+        else
+            echo "[stop] $name ended with exit status $?" >&2
+        fi
+    done
+    exit "$2"
 }
 
 # start_background NAME CMD...: CMD runs beside the stages that follow, its output in $LOG_DIR/NAME.log;
@@ -169,6 +320,26 @@ wait_background() {
         exit 1
     fi
     unset "BACKGROUND_PIDS[$name]"
+}
+
+# accepts_flags MODULE FLAGS...: whether this checkout's MODULE (its Config) takes these flags, for a
+# stage or option that needs a feature another branch adds; any other error stops the run
+accepts_flags() {
+    local status=0
+    python -c '
+import importlib, sys
+from nanochat.flags import FlagError, parse_flags
+try:
+    parse_flags(importlib.import_module(sys.argv[1]).Config, sys.argv[2:])
+except FlagError:
+    sys.exit(3)
+' "$@" >/dev/null || status=$?
+    case "$status" in
+        0) return 0 ;;
+        3) return 1 ;;
+        *) echo "[FAIL] could not ask $1 whether it takes ${*:2} (exit $status): python -m $1 --help shows why" >&2
+           exit 1 ;;
+    esac
 }
 
 # ----------------------------------------------------------------------------- report card

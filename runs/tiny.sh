@@ -6,7 +6,8 @@
 #   TINY_RUN_DIR=/tmp/t       outputs there instead (the end-to-end test points it at a temporary folder)
 #   NPROC_PER_NODE=2          torchrun over 2 processes (gloo on CPU): the distributed code paths at tiny size
 #   TINY_DEVICE_TYPE=cuda     the same on GPUs (NCCL)
-#   OMP_NUM_THREADS_TINY=N    torch threads per process (default 1)
+#   OMP_NUM_THREADS_TINY=N    torch threads per process (default: the cores shared among the processes)
+#   KAT_SEEDS=2               GRPO runs per arm (default 1)
 
 # outputs never touch a full run's: base/, outs/, .cache/ and report.md under one folder
 TINY_ROOT="${TINY_RUN_DIR:-$REPO_ROOT/tiny_run}"
@@ -25,7 +26,14 @@ esac
 TINY_ROWS=$((16 / NPROC))  # sequences per rank per micro-batch: the same total batch at any NPROC
 TINY_CONV_ROWS=$(( TINY_ROWS < 8 ? TINY_ROWS : 8 ))  # conversations (SFT) or pairs (RM) per rank: 16 per step
 TINY_PROMPTS=$(( NPROC > 4 ? NPROC : 4 ))  # RL prompts per step: 4, and at least one per rank
-export OMP_NUM_THREADS="${OMP_NUM_THREADS_TINY:-1}"  # one torch thread per process, as the tiny run has always used
+# torch threads: the cores shared among the processes. nproc reports OMP_NUM_THREADS when it is set, so
+# it runs without it; macOS has no nproc
+if command -v nproc >/dev/null 2>&1; then
+    TINY_CORES="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
+else
+    TINY_CORES="$(getconf _NPROCESSORS_ONLN)"
+fi
+export OMP_NUM_THREADS="${OMP_NUM_THREADS_TINY:-$(( TINY_CORES / NPROC > 0 ? TINY_CORES / NPROC : 1 ))}"
 DEVICE_FLAGS=(--device_type="${TINY_DEVICE_TYPE:-cpu}")
 
 # ----------------------------------------------------------------------------- nanochat's stages
@@ -50,5 +58,6 @@ PAIRS_FLAGS=(--local_dir=nanochat/samples/kat --se_test_fraction=0.1)  # the bun
 RM_FLAGS=(--device_batch_size="$TINY_CONV_ROWS" --pairs_per_step=32 --num_epochs=2 --lr=1e-3 --head_lr=1e-2
           --eval_every=-1)
 GRPO_FLAGS=(--max_steps=8 --prompts_per_step="$TINY_PROMPTS" --samples_per_prompt=4 --max_new_tokens=48
-            --learning_rate=1e-3 --beta=0.1 --density_k=10 --eval_every=-1 --eval_prompts=8)
+            --learning_rate=1e-3 --beta=0.1 --density_k=10 --eval_every=-1 --eval_prompts=8 --save_every=2)
+GRPO_SEEDS="${KAT_SEEDS:-1}"  # one run per arm keeps the preset within its minutes
 DIVERSITY_FLAGS=(--num_prompts=24 --num_samples=2 --max_tokens=48 --num_resamples=2000 --num_corpus_resamples=200)

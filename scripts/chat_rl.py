@@ -5,20 +5,13 @@ which is closer to plain REINFORCE with a per-question baseline.
     python -m scripts.chat_rl
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=default
 
-Each step, every rank takes its share of examples_per_step training questions and samples
-num_samples answers to each with the engine (temperature 1, top-k 50). An answer earns reward
-1 if its "#### N" matches the reference, else 0. What is kept of GRPO, and what is dropped:
-- advantage = reward - mean reward of the same question's samples, not divided by their std;
-- no KL penalty to a reference model and no ratio clipping: the samples come from the current
-  weights and are used for exactly one update, so the gradient is on-policy;
-- loss = -(sum over sampled tokens of logp * advantage) / (sampled tokens in the step, over all
-  ranks): every token weighs the same (token-level normalisation, as in DAPO), so long answers
-  are not down-weighted. Calculator results the engine forced in are not the policy's choices
-  and are not trained.
-The learning rate starts at init_lr_frac of the base values and decays linearly to 0. Every
-eval_every steps: pass@1..pass@eval_samples on GSM8K test questions, with the same seeds every
-time so evaluations are comparable. Writes outs/rl/ (ckpt.pt, ckpt_<step>.pt, config.json,
-training_log.txt, logs/) and the "rl" report section; `--resume=true` continues exactly.
+Each step, every rank samples num_samples answers to its share of examples_per_step training
+questions (temperature 1, top-k 50); an answer earns 1 if its "#### N" matches the reference, else 0.
+The advantage is the reward minus the mean of the question's samples; no KL penalty and no ratio
+clipping; the loss is averaged over every sampled token of the step. Every eval_every steps:
+pass@1..pass@eval_samples on GSM8K test questions. Writes outs/rl/ (ckpt.pt, ckpt_<step>.pt,
+config.json, training_log.txt, logs/) and the "rl" report section; `--resume=true` continues
+exactly.
 """
 
 import math
@@ -143,7 +136,7 @@ def main(argv=None):
     passes, reward_mean, total_time = [], float("nan"), 0.0
     while True:
         is_last = step == num_iterations
-        # ---- pass@k on held-out questions, with the same seed every time
+        # ---- pass@k on held-out questions, with the same seed every time so evaluations are comparable
         if is_due(step, cfg.eval_every, is_last, at_start=True):
             model.eval()
             with autocast:
@@ -166,14 +159,18 @@ def main(argv=None):
             prompts, completions, masks, rewards = sample_rollouts(
                 engine, tokenizer, train_task, [p % len(train_task) for p in positions], cfg,
                 seed=row_seed(cfg.seed, step, rank))
-        advantages = group_advantages(rewards).flatten().to(device)
+        advantages = group_advantages(rewards).flatten().to(device)  # reward - group mean, not divided by the std
 
-        # ---- one policy-gradient step: sum(logp * advantage) over every sampled token, / their count
+        # ---- one policy-gradient step: sum(logp * advantage) over every sampled token, / their count.
+        # No KL penalty or ratio clipping: the samples come from the current weights and serve exactly one
+        # update, so the gradient is on-policy. Every token weighs the same (token-level normalisation, as
+        # in DAPO): long answers are not down-weighted. Calculator results the engine forced in are not trained.
         model.train()
         num_tokens = torch.tensor(sum(sum(mask) for mask in masks), dtype=torch.float32, device=device)
         if ddp:
             dist.all_reduce(num_tokens)
         scale = world_size / num_tokens.clamp(min=1)  # the distributed optimizers average gradients over ranks
+        # from init_lr_frac of the base values (setup_optimizers) down to 0, linearly
         lrm = lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
         for start in range(0, len(completions), cfg.device_batch_size):
             end = start + cfg.device_batch_size

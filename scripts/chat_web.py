@@ -3,7 +3,6 @@ Serve the chat models over HTTP: the web UI (nanochat/ui.html) and an OpenAI-com
 
     python -m scripts.chat_web                                     # every chat stage with a checkpoint, on 127.0.0.1
     NANOCHAT_API_KEY=<secret> python -m scripts.chat_web --host=0.0.0.0 --models=grpo_density,grpo_baseline
-
 Then open http://localhost:8000/, or point any OpenAI client at http://localhost:8000/v1 (api_key = the key, if set).
 
     GET  /                      the chat UI (asks for the key when the server has one)
@@ -13,12 +12,6 @@ Then open http://localhost:8000/, or point any OpenAI client at http://localhost
     GET  /health, GET /stats    liveness, defaults and stages that failed to load; requests, tokens, workers, uptime
     GET  /viz                   the embedding map (its data only from a loopback server or with the key)
     GET  /docs, /openapi.json   the API's contract: request bodies, limits and error responses
-
-Serving model: every loaded stage is replicated once per GPU (or once on the CPU); one device with
-its models is a worker. Idle workers wait in an asyncio.Queue: a request takes one, generates in a
-thread (so the event loop keeps answering other requests), streams its text back through an
-asyncio.Queue, and returns the worker when the thread ends. Requests beyond the number of workers
-wait in line for the next free one.
 """
 
 import asyncio
@@ -27,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import threading
 import time
@@ -238,7 +232,7 @@ def chat_request_schema(models: list[str]):
 
 
 # -----------------------------------------------------------------------------
-# Workers: one device with a replica of every served model
+# Workers: one device with a replica of every served model (every loaded stage once per GPU, or once on the CPU)
 
 @dataclass
 class Worker:
@@ -252,8 +246,15 @@ class Worker:
 
 
 def find_chat_stages() -> list[str]:
-    """The chat stages with a checkpoint file under outs/, in CHAT_STAGES order (whether it loads is load_workers' call)."""
-    return [stage for stage in CHAT_STAGES if any(stage_dir(stage).glob("ckpt*.pt"))]
+    """The chat stages with a checkpoint file under outs/, in CHAT_STAGES order, each GRPO arm followed by its
+    further seeds' runs (grpo_density_s1, ...) and the shuffled arm's; whether each loads is load_workers' call."""
+    outs = stage_dir("sft").parent
+    grpo_runs = sorted(p.name for p in outs.glob("grpo_*") if re.fullmatch(r"grpo_(density|baseline|shuffled)(_s\d+)?", p.name))
+    stages = []
+    for stage in CHAT_STAGES:
+        stages += [stage] + ([run for run in grpo_runs if run.startswith(stage + "_s")] if stage.startswith("grpo_") else [])
+    stages += [run for run in grpo_runs if run.startswith("grpo_shuffled")]
+    return [stage for stage in stages if any(stage_dir(stage).glob("ckpt*.pt"))]
 
 
 # what a missing, truncated, foreign or mis-shaped checkpoint raises from load_model
@@ -365,6 +366,9 @@ class ChatService:
         loop = asyncio.get_running_loop()
         self.stats.requests_waiting += 1
         try:
+            # Idle workers wait in a queue: a request takes one, generates in a thread (the event loop keeps
+            # answering other requests), streams its text back through `pieces` and returns the worker when the
+            # thread ends. Requests beyond the number of workers wait here for the next free one.
             worker = await self.idle.get()
         finally:
             self.stats.requests_waiting -= 1

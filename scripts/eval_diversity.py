@@ -11,11 +11,9 @@ RM beside it), compare the arms over seeds then prompts, and write the report.
 
 Writes <output_report> (default <kat cache>/diversity_report.md), its PNG plots, a JSON of every
 figure (same name, .json), the responses of SFT and every run's final model (<stem>_samples.jsonl)
-and the report card's section. Computing: nanochat/kat/diversity_eval.py (metrics, the seed-0 detail)
-and arm_stats.py (seeds per arm); rendering: diversity_report.py. The report opens with the controls
-(nanochat/kat/controls.py): the synthetic sampler control, every control run's outcome found under
---controls_dir, or, with --control=sampler|null, this run's own control. A "Positive control" section
-is added when scripts.kat_inject planted a tic in the train pairs.
+and the report card's section; a "Positive control" section when scripts.kat_inject planted a tic.
+It opens with the controls (nanochat/kat/controls.py); --control=sampler|null reads this run as that
+control and writes its outcome. Computing: diversity_eval.py, arm_stats.py; rendering: diversity_report.py.
 """
 
 import gc
@@ -42,7 +40,7 @@ from nanochat.kat.diversity_eval import (HYPOTHESIS, REFERENCE, common_length_ta
 from nanochat.kat.diversity_report import control_outcome, fmt_ci, fmt_p, fmt_signed, headline, write_report
 from nanochat.engine import Engine
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat.embed import masked_mean_embeddings
+from nanochat.kat.embed import response_embeddings
 from nanochat.kat.pairs import first_user_message
 from nanochat.report import get_report
 from nanochat.kat.reward_model import load_reward_model
@@ -259,14 +257,6 @@ def sample_model(model, tokenizer, prompts: list[dict], cfg: Config, rank: int, 
     return [row for batch in run_sharded(batches, work, rank, world_size) for row in batch]
 
 
-def embed_responses(model, bos: int, responses: list[list[int]], batch_size: int, device) -> np.ndarray:
-    """[len(responses), D] unit rows: final hidden states averaged over the response tokens after <|bos|>
-    (the first sequence_len - 1 of them); an empty response keeps the <|bos|> state."""
-    sequences = [[bos] + r[:model.config.sequence_len - 1] for r in responses]
-    pooled = [[len(seq) == 1] + [True] * (len(seq) - 1) for seq in sequences]
-    return masked_mean_embeddings(model, sequences, pooled, batch_size, device, pad_id=bos)
-
-
 def free(device):
     gc.collect()
     if device.type == "cuda":
@@ -445,7 +435,7 @@ def embed_all(embedder_path: Path, token_ids: dict, tokenizer, cfg: Config, rank
     responses = [ids for label in token_ids for row in token_ids[label] for ids in row]
     chunks = [responses[i:i + cfg.embed_batch_size] for i in range(0, len(responses), cfg.embed_batch_size)]
     bos = tokenizer.get_bos_token_id()
-    vectors = run_sharded(chunks, lambda mine: [embed_responses(embedder, bos, chunk, cfg.embed_batch_size, device)
+    vectors = run_sharded(chunks, lambda mine: [response_embeddings(embedder, bos, chunk, cfg.embed_batch_size, device)
                                                 for chunk in mine], rank, world_size)
     return per_model(np.concatenate(vectors), list(token_ids), len(token_ids[REFERENCE]), cfg.num_samples)
 

@@ -11,11 +11,10 @@ G completions each from the engine -> RM scores -> one no-grad pass for the refe
 --kl=seq_reward or --inner_epochs>1, the sampling policy's) log-probs -> rewards (truncation penalty,
 KL) -> advantages -> gradient pass(es). The maths is nanochat/kat/grpo.py's. Every --traj_every steps
 the dev prompts are sampled and scored by the RM and the independent judge (never trained on): a row
-of trajectory.jsonl and a weights-only checkpoint in traj/ (nanochat/kat/trajectory.py). Each logged
-metric is described where it is logged. Writes out_dir (ckpt.pt, ckpt_<step>.pt, config.json,
-training_log.txt, logs/, trajectory.jsonl, traj/, draws.json) and the report section; --resume=true continues.
---plant_marker adds the controls' rule reward (nanochat/kat/controls.py): a bonus for completions holding a
-marker, on the prompts of one density quintile; its base rate on the starting policy is measured first.
+of trajectory.jsonl and a weights-only checkpoint in traj/ (nanochat/kat/trajectory.py). Writes out_dir
+(ckpt.pt, ckpt_<step>.pt, config.json, training_log.txt, logs/, trajectory.jsonl, traj/, draws.json) and
+the report section; --resume=true continues. --plant_marker adds the controls' rule reward for a marker
+on one density quintile's prompts (nanochat/kat/controls.py), its base rate measured on the start first.
 """
 
 import json
@@ -427,8 +426,9 @@ def main(argv=None, reward_model=None):
     ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type or None, seed=cfg.seed)
     check_config(cfg, world_size)
     master = rank == 0
-    mode, stage = cfg.prompt_sampling, STAGES[cfg.prompt_sampling]
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else stage_dir(stage)
+    mode = cfg.prompt_sampling
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else stage_dir(STAGES[mode])
+    stage = out_dir.name  # grpo_density, or a further seed's grpo_density_s1: its own report section and meta
     data = KatData(cfg.data_dir)
     autocast = autocast_context(device)
 

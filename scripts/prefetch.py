@@ -58,6 +58,7 @@ class Config:
     timeout_s: float = opt(60.0, help="a URL download that sends nothing for this long is retried", above=0)
     stall_s: float = opt(300.0, help="a hub split that yields no row for this long fails", above=0)
     se_probe_rows: int = opt(2000, help="Stack Exchange rows checked now (kat_pairs streams the rest)", min=1)
+    kat: bool = opt(True, help="the KAT experiment's preference data too (speedrun.sh alone passes false)")
 
 
 def task_splits() -> list[RowsTask]:
@@ -235,6 +236,8 @@ class Prefetch:
             hf_id, config, split, local_name = task.source
             sources.append(self.hub_split(f"task_data/{local_name}", hf_id, config, split,
                                           self.base_dir / "task_data" / f"{local_name}.jsonl", task.row_check))
+        if not self.cfg.kat:
+            return sources
         for source, parse in PAIR_PARSERS.items():
             hf_id, hf_splits = pairs.HF_DATASETS[source]
             for split, hf_split in hf_splits.items():
@@ -270,6 +273,8 @@ class Prefetch:
                                         f"task_data/{task.source.local_name}.jsonl under {self.base_dir}")
             sources.append(local(f"task_data/{task.source.local_name}", path,
                                  lambda p, check=task.row_check: checked_rows(check(), read_jsonl(p), p.name)))
+        if not self.cfg.kat:
+            return sources
         for source, parse in PAIR_PARSERS.items():
             for name in pairs.LOCAL_FILES[source].values():
                 sources.append(local(f"pref_data/{Path(name).stem}", PAIR_SAMPLES_DIR / name,

@@ -1,10 +1,13 @@
 """
 Fixtures and builders the test modules share: a run's folders in the environment, tiny tokenizers
-and GPTs saved as stages, and the KAT data folder built from local samples.
+and GPTs saved as stages, the KAT data folder built from local samples, and the tiny preset's run
+(made once per session for tests/test_tiny_preset.py and tests/test_kat_runs.py).
 
     uv run pytest -m "not slow"     # the quick lane: no subprocesses, process groups or browser
 """
 
+import math
+import subprocess
 from contextlib import contextmanager
 from dataclasses import asdict
 
@@ -12,10 +15,11 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.common import stage_dir
+from nanochat.common import REPO_ROOT, stage_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kat.data import KatData
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+from tests.tiny_fixtures import tiny_env
 
 KAT_SAMPLES = "nanochat/samples/kat"  # the tiny preset's preference samples, in the hubs' row schemas
 KAT_FIXTURES = "tests/fixtures/kat"  # a handful of rows per source, for the data stages' own tests
@@ -57,6 +61,32 @@ def tiny_gpt(vocab_size: int, sequence_len: int, n_embd: int = 32, n_layer: int 
     return model
 
 
+def bigram_model(vocab_size: int, table: dict) -> GPT:
+    """A 1-layer GPT whose logits after token u are table[u] ({next token: logit}; unlisted: 0).
+    nanochat's init zeroes every block's output projection, so one-hot embeddings reach lm_head unchanged."""
+    width = 4 * ((vocab_size + 3) // 4)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=width))
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()
+        model.transformer.wte.weight[torch.arange(vocab_size), torch.arange(vocab_size)] = 1.0
+        model.lm_head.weight.zero_()
+        for u, row in table.items():
+            for v, logit in row.items():
+                model.lm_head.weight[v, u] = logit / math.sqrt(width)  # the final RMSNorm scales e_u by sqrt(width)
+    return model
+
+
+@pytest.fixture
+def offline_run(tmp_path, monkeypatch):
+    """(base dir, outs dir) of a one-process run under tmp_path, tasks read from the bundled samples."""
+    base_dir, outs = tmp_path / "base_dir", tmp_path / "outs"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    monkeypatch.setenv("NANOCHAT_OUTS_DIR", str(outs))
+    monkeypatch.setenv("NANOCHAT_TASKS_OFFLINE", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    return base_dir, outs
+
+
 def save_stage(stage: str, model: GPT):
     """model as the final checkpoint of outs/<stage>, as a training stage would leave it."""
     save_checkpoint(stage_dir(stage), 0, model, [], meta={"model_config": asdict(model.config)}, final=True)
@@ -88,3 +118,13 @@ def kat_workspace(root, local_dir: str, vocab_size: int, sequence_len: int, prom
         save_stage("sft", tiny_gpt(vocab_size, sequence_len))
         yield {"root": root, "data_dir": data.dir, "data": data, "pairs": pairs, "prompts": prompts,
                "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(root, stdout) of `bash kat_speedrun.sh --tiny --rl` (several minutes); its readers never change it."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    result = subprocess.run(["bash", "kat_speedrun.sh", "--tiny", "--rl"], cwd=REPO_ROOT, env=tiny_env(root),
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"kat_speedrun.sh --tiny failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return root, result.stdout

@@ -8,7 +8,6 @@ prompt embeddings.
 """
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from nanochat.kat.data import KatData
 from nanochat.kat.reward_model import KIND, RewardModel
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 from scripts import kat_density, kat_pairs
+from tests.conftest import bigram_model as table_model
 
 REPO = Path(__file__).resolve().parents[1]
 END = "<|assistant_end|>"
@@ -32,22 +32,10 @@ def make_tokenizer() -> Tokenizer:
 
 
 def bigram_model(tokenizer) -> GPT:
-    """After token u the logits are table[u] (unlisted tokens: 0). nanochat's init zeroes every
-    block's output projection, so one-hot embeddings reach lm_head unchanged."""
-    vocab = tokenizer.get_vocab_size()
-    width = 4 * ((vocab + 3) // 4)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=width))
+    """After <|assistant_start|> "a" or "b", then more of them or <|assistant_end|>, each equally likely."""
     a, b, end = ord("a"), ord("b"), tokenizer.encode_special(END)
-    table = {tokenizer.encode_special("<|assistant_start|>"): {a: 14.0, b: 14.0},
-             a: {a: 14.0, b: 14.0, end: 14.0}, b: {a: 14.0, b: 14.0, end: 14.0}}
-    with torch.no_grad():
-        model.transformer.wte.weight.zero_()
-        model.transformer.wte.weight[torch.arange(vocab), torch.arange(vocab)] = 1.0
-        model.lm_head.weight.zero_()
-        for u, row in table.items():
-            for v, logit in row.items():
-                model.lm_head.weight[v, u] = logit / math.sqrt(width)  # the final RMSNorm scales e_u by sqrt(width)
-    return model
+    return table_model(tokenizer.get_vocab_size(), {tokenizer.encode_special("<|assistant_start|>"): {a: 14.0, b: 14.0},
+                                                     a: {a: 14.0, b: 14.0, end: 14.0}, b: {a: 14.0, b: 14.0, end: 14.0}})
 
 
 def tiny_reward_model(tokenizer, seed: int = 1) -> RewardModel:

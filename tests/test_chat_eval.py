@@ -18,13 +18,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
-def tiny_run(tmp_path, monkeypatch):
+def chat_eval_run(offline_run):
     """A trained tiny tokenizer and a random depth-1 model saved as the given stages, all offline."""
-    base_dir, outs = tmp_path / "base_dir", tmp_path / "outs"
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
-    monkeypatch.setenv("NANOCHAT_OUTS_DIR", str(outs))
-    monkeypatch.setenv("NANOCHAT_TASKS_OFFLINE", "1")
-    monkeypatch.delenv("RANK", raising=False)
+    base_dir, outs = offline_run
     texts = [(SAMPLES_DIR / name).read_text() for name in ("gsm8k_train.jsonl", "arc_easy_train.jsonl")]
     tokenizer = Tokenizer.train_from_iterator(iter(texts), 300)
     tokenizer.save(base_dir / "tok")
@@ -44,8 +40,8 @@ def read_section(path, section="Chat evaluation"):
     return parse_bullets(text)
 
 
-def test_all_six_tasks_and_chatcore_go_into_the_stage_report(tiny_run):
-    base_dir, save = tiny_run
+def test_all_six_tasks_and_chatcore_go_into_the_stage_report(chat_eval_run):
+    base_dir, save = chat_eval_run
     save("sft")
     results = chat_eval.main(["-i", "sft", "-x", "2", "-m", "8", "-b", "2", "--device_type=cpu"])
 
@@ -58,8 +54,8 @@ def test_all_six_tasks_and_chatcore_go_into_the_stage_report(tiny_run):
     assert bullets["Checkpoint"] == "sft step 5" and bullets["Problems per task"] == "2"
 
 
-def test_a_subset_from_a_checkpoint_path_reports_under_its_stage_without_chatcore(tiny_run):
-    base_dir, save = tiny_run
+def test_a_subset_from_a_checkpoint_path_reports_under_its_stage_without_chatcore(chat_eval_run):
+    base_dir, save = chat_eval_run
     path = save("grpo_density")
     results = chat_eval.main(["-i", str(path), "-a", "ARC-Easy|SpellingBee", "-x", "3", "-m", "4", "--device_type=cpu"])
 
@@ -71,6 +67,6 @@ def test_a_subset_from_a_checkpoint_path_reports_under_its_stage_without_chatcor
     assert results["SpellingBee"] == 0.0
 
 
-def test_unknown_task_names_are_refused_before_any_work(tiny_run):
+def test_unknown_task_names_are_refused_before_any_work(chat_eval_run):
     with pytest.raises(ValueError, match="unknown task.*GSM9K"):
         chat_eval.main(["-i", "sft", "-a", "ARC-Easy|GSM9K", "--device_type=cpu"])

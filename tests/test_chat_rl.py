@@ -8,16 +8,16 @@ rewards then differ within a group, so the policy gradient is real, and RL must 
 
 import dataclasses
 import json
-import math
 import shutil
 
 import pytest
 import torch
 
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 from scripts import chat_rl
+from tests.conftest import bigram_model as table_model
 
 torch.set_num_threads(1)
 
@@ -32,36 +32,20 @@ def make_tokenizer() -> Tokenizer:
 
 
 def bigram_model(tokenizer) -> GPT:
-    """After token u the logits are table[u] (tokens not listed: 0). Works because nanochat's init
-    zeroes every block's output projection, so one-hot embeddings reach lm_head unchanged."""
-    vocab = tokenizer.get_vocab_size()
-    width = 4 * ((vocab + 3) // 4)
-    config = GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=width)
-    model = GPT(config)
-    table = {
+    """After <|assistant_start|>: "####", " ", then "1" or "2", then <|assistant_end|>."""
+    end = tokenizer.encode_special("<|assistant_end|>")
+    return table_model(tokenizer.get_vocab_size(), {
         tokenizer.encode_special("<|assistant_start|>"): {HASHES: 14.0},
         HASHES: {ord(" "): 14.0},
         ord(" "): {ord("1"): 14.0, ord("2"): 14.0},
-        ord("1"): {tokenizer.encode_special("<|assistant_end|>"): 14.0},
-        ord("2"): {tokenizer.encode_special("<|assistant_end|>"): 14.0},
-    }
-    with torch.no_grad():
-        model.transformer.wte.weight.zero_()
-        model.transformer.wte.weight[torch.arange(vocab), torch.arange(vocab)] = 1.0
-        model.lm_head.weight.zero_()
-        for u, row in table.items():
-            for v, logit in row.items():
-                model.lm_head.weight[v, u] = logit / math.sqrt(width)  # the final RMSNorm scales e_u by sqrt(width)
-    return model
+        ord("1"): {end: 14.0},
+        ord("2"): {end: 14.0},
+    })
 
 
 @pytest.fixture
-def sft_run(tmp_path, monkeypatch):
-    base_dir, outs = tmp_path / "base_dir", tmp_path / "outs"
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
-    monkeypatch.setenv("NANOCHAT_OUTS_DIR", str(outs))
-    monkeypatch.setenv("NANOCHAT_TASKS_OFFLINE", "1")
-    monkeypatch.delenv("RANK", raising=False)
+def sft_run(offline_run):
+    base_dir, outs = offline_run
     tokenizer = make_tokenizer()
     assert tokenizer.encode("#### 1") == [HASHES, ord(" "), ord("1")]
     tokenizer.save(base_dir / "tok")
@@ -73,7 +57,7 @@ def sft_run(tmp_path, monkeypatch):
     model = bigram_model(tokenizer)
     config = dataclasses.asdict(model.config)
     source = save_checkpoint(outs / "sft", 10, model, [], meta={"model_config": config}, final=True)
-    return tmp_path, tokenizer, source
+    return base_dir.parent, tokenizer, source
 
 
 FLAGS = ["--device_type=cpu", "--num_iterations=3", "--examples_per_step=2", "--num_samples=4", "--max_new_tokens=12",

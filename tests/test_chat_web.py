@@ -625,3 +625,14 @@ def test_a_corrupt_checkpoint_takes_out_its_stage_not_the_server(stages, tmp_pat
     with pytest.raises(RuntimeError, match="no chat model could be loaded") as none_loads:
         load_workers(find_chat_stages(), "cpu")
     assert all(stage in str(none_loads.value) for stage in ("sft", "grpo_density", "grpo_baseline"))
+
+
+def test_further_seeds_and_the_shuffled_arm_are_served_after_their_arm(tmp_path, monkeypatch):
+    """grpo_density_s1 (a further seed) follows grpo_density; grpo_shuffled comes after the arms."""
+    from scripts.chat_web import find_chat_stages
+    monkeypatch.setenv("NANOCHAT_OUTS_DIR", str(tmp_path))
+    for stage in ("sft", "grpo_density", "grpo_density_s1", "grpo_baseline", "grpo_shuffled", "grpo_other", "rm"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "ckpt.pt").write_bytes(b"x")
+    (tmp_path / "grpo_baseline_s1").mkdir()  # no checkpoint: not offered
+    assert find_chat_stages() == ["sft", "grpo_density", "grpo_density_s1", "grpo_baseline", "grpo_shuffled"]

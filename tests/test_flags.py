@@ -109,7 +109,7 @@ def test_help_shows_each_range_and_a_default_outside_its_own_bounds_is_refused()
 STAGE_BAD_FLAGS = [
     (stage, flag) for stage in ("base_train", "mid_train", "chat_sft", "chat_rl", "train_rm")
     for flag in ("--keep_checkpoints=0", "--num_iterations=-5", "--device_batch_size=0")
-] + [("grpo", "--keep_checkpoints=0"), ("grpo", "--max_steps=-5"), ("grpo", "--device_batch_size=0"),
+] + [("grpo", "--keep_checkpoints=0"), ("grpo", "--max_steps=-5"), ("grpo", "--update_tokens=0"),
      ("base_loss", "--device_batch_size=0"), ("chat_eval", "--batch_size=0")]
 
 

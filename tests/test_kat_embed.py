@@ -143,11 +143,11 @@ def test_padding_and_batch_company_never_change_a_vector(workspace):
 
 def test_responses_pool_every_token_after_bos_through_the_same_embedder(workspace):
     """scripts.eval_diversity's response vectors: the same masked mean, over the response tokens after <|bos|>."""
-    from scripts.eval_diversity import embed_responses
+    from nanochat.kat.embed import response_embeddings
     model, tokenizer = workspace["model"], workspace["tokenizer"]
     bos = tokenizer.get_bos_token_id()
     responses = [tokenizer.encode("A pear, then an apple."), [], tokenizer.encode("Yes."), tokenizer.encode("x " * 100)]
-    got = embed_responses(model, bos, responses, batch_size=4, device=torch.device("cpu"))  # padded together
+    got = response_embeddings(model, bos, responses, batch_size=4, device=torch.device("cpu"))  # padded together
     with torch.no_grad():
         for response, vector in zip(responses, got):
             seq = [bos] + response[:SEQ_LEN - 1]  # longer responses keep their first tokens

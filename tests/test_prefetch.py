@@ -313,3 +313,15 @@ def test_prefetch_fetches_every_task_split_a_stage_reads():
     built = task_splits_the_scripts_build()
     assert {script for script, _ in built} >= {"mid_train.py", "chat_sft.py", "chat_rl.py", "eval_tasks.py"}
     assert not {source for _, source in built} - fetched
+
+
+def test_without_kat_only_the_nanochat_inputs_are_checked(base_dir, monkeypatch):
+    """speedrun.sh alone (--kat=false) never touches the preference data."""
+    monkeypatch.setenv("NANOCHAT_TASKS_OFFLINE", "1")
+    prefetch.main(["--kat=false"])
+    names = set(json.loads((base_dir / "prefetch_manifest.json").read_text())["sources"])
+    assert names and not any(n.startswith("pref_data/") or "stack-exchange" in n for n in names)
+    assert "eval_bundle" in " ".join(names) and any(n.startswith("task_data/") for n in names)
+    prefetch.main([])  # the KAT run then adds the preference data
+    names_kat = set(json.loads((base_dir / "prefetch_manifest.json").read_text())["sources"])
+    assert names < names_kat and any(n.startswith("pref_data/") for n in names_kat)

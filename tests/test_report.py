@@ -145,3 +145,11 @@ def test_bad_stage_section_and_data_are_refused(tmp_path):
 def test_gpu_rates_match_by_name():
     assert report_module.gpu_hourly_rate("NVIDIA H100 80GB HBM3") == 3.00
     assert report_module.gpu_hourly_rate("Some Future GPU") == report_module.DEFAULT_GPU_HOURLY_RATE_USD
+
+
+def test_stage_sections_follow_the_pipeline_with_each_seed_after_its_arm(run_dirs):
+    """A further seed's GRPO run reports under its own stage (grpo_density_s1), placed after its arm."""
+    for stage in ("diversity", "grpo_baseline_s1", "grpo_density_s2", "grpo_baseline", "grpo_density", "sft", "extra"):
+        report_module.get_report().log(stage=stage, section=f"Section {stage}", data=[{"x": 1}])
+    names = [p.name.removesuffix("_report.md") for p in report_module.get_report().stage_files()]
+    assert names == ["sft", "grpo_density", "grpo_density_s2", "grpo_baseline", "grpo_baseline_s1", "diversity", "extra"]

@@ -4,12 +4,12 @@ the bundled samples. Every stage must finish, and every output must exist, load 
 numbers. Then `--tiny --control` on the same run: the positive control must reuse the main run's
 stages, train its own SFT model with the tic, and leave the main run's files as they were. This
 is the slowest test (several minutes on 2 cores); it is the one that proves the stages fit together.
+The run itself is tests/conftest.py's tiny_run, made once per session.
 """
 
 import hashlib
 import json
 import math
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -18,26 +18,12 @@ import pytest
 import torch
 
 from nanochat.common import REPO_ROOT
+from tests.tiny_fixtures import tiny_env
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
 STAGES = ["base", "mid", "sft", "rl", "rm", "grpo_density", "grpo_baseline"]
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
-
-
-def tiny_env(root) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOCHAT_")}
-    env["TINY_RUN_DIR"] = str(root)
-    return env
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_run")
-    result = subprocess.run(["bash", "kat_speedrun.sh", "--tiny", "--rl"], cwd=REPO_ROOT, env=tiny_env(root),
-                            capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, f"kat_speedrun.sh --tiny failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return root, result.stdout
 
 
 def _finite_tensors(state: dict) -> bool:

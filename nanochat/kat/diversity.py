@@ -1,37 +1,16 @@
 """
 Diversity metrics for the KAT evaluation: how varied, and how tic-ridden, a model's responses are.
 
+    prompt_metrics(texts, token_ids, vocab_size)   # every text metric of one prompt's N samples
+    self_bleu(word_lists), distinct_n_of_samples(word_lists, 2), compression_ratio(texts), ...
+
 Every metric is a plain function of texts (or token ids), so it can be checked by hand. Unless a
 metric says otherwise, texts are split into *words* by `words()`: lowercased runs of letters,
-digits and underscores, and every other non-space character as its own token, so "Hello, world!"
-is ["hello", ",", "world", "!"]. Words, not the model's BPE tokens, because diversity is a
-property of the text a reader sees and every compared model shares the same words.
-
-Per prompt, a model gives N samples; the functions named `*_of_samples` pool those N samples
-(n-grams never cross from one sample into the next).
-
-Metrics, with the direction that means "more diverse / fewer tics":
-- em_dash_per_1k_chars: U+2014 EM DASH per 1,000 characters. En dashes (U+2013) and hyphens
-  are never counted as em dashes; en dashes are counted separately. Lower is better.
-- not_x_but_y_per_1k_chars: matches of the patterns in TIC_PATTERNS per 1,000 characters. Lower.
-- distinct_n: distinct n-grams / all n-grams (Li et al. 2016). Higher.
-- ead: expectation-adjusted distinct (Liu et al. 2022): distinct tokens divided by the number of
-  distinct tokens expected when C tokens are drawn uniformly from a V-token vocabulary,
-  V * (1 - ((V-1)/V)^C). Computed on the model's BPE ids with V = the tokenizer's vocabulary
-  size, the paper's advice when every compared method shares a pretrained vocabulary. Higher.
-- gini: Gini coefficient of the unigram (word) counts over the types that occur:
-  G = sum_i (2i - n - 1) x_(i) / (n * sum x), x sorted ascending, i = 1..n; 0 when every type is
-  equally frequent, (n-1)/n when one of n types holds every count. Lower.
-- ttr: distinct words / words of one response. mattr: the mean TTR of every window of `window`
-  consecutive words (Covington & McFall 2010), the plain TTR for responses shorter than the
-  window; unlike TTR it does not fall just because a response is longer. Higher.
-- self_bleu: the mean, over a prompt's samples, of the BLEU of one sample against the others
-  as references (Zhu et al. 2018, Texygen); empty samples are left out, so a prompt with fewer
-  than two non-empty samples has none (nan). Lower.
-- compression_ratio: UTF-8 bytes / gzip bytes of a prompt's samples joined by newlines; text
-  that repeats itself (within or across samples) compresses more. Lower.
-- embedding distances: 1 - cosine similarity of L2-normalised response embeddings, averaged
-  over pairs of samples of one prompt (within) or of different prompts (across). Higher.
+digits and underscores, and every other non-space character as its own token ("Hello, world!" is
+["hello", ",", "world", "!"]). Words, not the model's BPE tokens: diversity is a property of the
+text a reader sees, and every compared model shares the same words. Functions named
+`*_of_samples` pool a prompt's N samples (n-grams never cross from one sample into the next).
+The comment above each metric says its source and which direction is "more diverse / fewer tics".
 """
 
 import gzip
@@ -99,6 +78,7 @@ def count_tic_patterns(text: str) -> dict[str, int]:
     return {name: len(pattern.findall(text)) for name, pattern in TIC_PATTERNS.items()}
 
 
+# Lower is better. Only U+2014 counts as an em dash: en dashes (U+2013) are counted apart, hyphens never.
 def tic_rates(texts: list[str]) -> dict[str, float]:
     """Em dashes, en dashes and tic patterns per 1,000 characters, pooled over texts."""
     num_chars = sum(len(t) for t in texts)
@@ -111,6 +91,7 @@ def tic_rates(texts: list[str]) -> dict[str, float]:
 # -----------------------------------------------------------------------------
 # Lexical diversity
 
+# distinct-n (Li et al. 2016). Higher is more diverse.
 def distinct_n_of_samples(token_lists: list[list], n: int) -> float:
     """Distinct n-grams / all n-grams over several token lists; nan when there is no n-gram."""
     grams = [g for tokens in token_lists for g in ngrams(tokens, n)]
@@ -124,6 +105,8 @@ def expected_distinct(num_tokens: int, vocab_size: int) -> float:
     return vocab_size * -math.expm1(num_tokens * math.log1p(-1.0 / vocab_size)) if vocab_size > 1 else float(num_tokens > 0)
 
 
+# Expectation-adjusted distinct (Liu et al. 2022), on the model's BPE ids with V = the tokenizer's vocabulary:
+# the paper's advice when every compared method shares a pretrained vocabulary. Higher is more diverse.
 def ead_of_samples(token_lists: list[list], vocab_size: int) -> float:
     """Expectation-adjusted distinct-1 over several token lists; nan when there is no token."""
     tokens = [t for tokens in token_lists for t in tokens]
@@ -142,14 +125,17 @@ def gini(counts) -> float:
     return float(((2 * i - n - 1) * x).sum() / (n * total))
 
 
+# Gini of the word counts over the types that occur. Lower is more diverse.
 def unigram_gini_of_samples(token_lists: list[list]) -> float:
     return gini(list(Counter(t for tokens in token_lists for t in tokens).values()))
 
 
+# TTR: distinct words / words of one response. Higher is more diverse.
 def ttr(tokens: list) -> float:
     return len(set(tokens)) / len(tokens) if tokens else float("nan")
 
 
+# MATTR (Covington & McFall 2010): unlike TTR it does not fall just because a response is longer. Higher.
 def mattr(tokens: list, window: int = 50) -> float:
     """Moving-average type-token ratio; the plain TTR when there are fewer tokens than the window."""
     if window < 1:
@@ -218,6 +204,7 @@ def _bleu_of_counts(hyp_counts: list[Counter], c: int, ref_counts: list[list[Cou
     return brevity * math.exp(log_precision / max_n)
 
 
+# Self-BLEU (Zhu et al. 2018, Texygen). Lower is more diverse.
 def self_bleu(token_lists: list[list], max_n: int = 4) -> float:
     """
     Mean BLEU of each non-empty sample against the other non-empty samples; nan when fewer than
@@ -238,6 +225,7 @@ def self_bleu(token_lists: list[list], max_n: int = 4) -> float:
 # -----------------------------------------------------------------------------
 # Compression and embeddings
 
+# Text that repeats itself (within or across samples) compresses more. Lower is more diverse.
 def compression_ratio(texts: list[str]) -> float:
     """UTF-8 bytes / gzip bytes (level 9, no timestamp) of the texts joined by newlines; nan for no text."""
     raw = "\n".join(texts).encode("utf-8")
@@ -246,6 +234,7 @@ def compression_ratio(texts: list[str]) -> float:
     return len(raw) / len(gzip.compress(raw, compresslevel=9, mtime=0))
 
 
+# Embedding distances, within a prompt's samples or across prompts. Higher is more diverse.
 def mean_pairwise_distance(embeddings) -> float:
     """Mean of 1 - cos over all pairs of rows (rows are L2-normalised here); needs two rows."""
     x = np.asarray(embeddings, dtype=np.float64)

@@ -2,37 +2,16 @@
 From the models' responses to figures and verdicts: the computing half of scripts.eval_diversity
 (nanochat/kat/diversity_report.py renders what this returns).
 
-Input, for every model label, on the same P prompts with N samples each:
-  texts[label][p][s] (decoded response text), token_ids[label][p][s] (its BPE ids, no special
-  tokens), truncated[label][p][s] (hit max_tokens before <|assistant_end|>), embeddings[label]
-  (float [P, N, D], unit rows) and optionally rewards[label] and judge_rewards[label] (float [P, N]):
-  the policy RM's (GRPO's own reward) and the independent judge's scores.
+    results = evaluate(labels, texts, token_ids, truncated, embeddings, rewards, vocab_size,
+                       judge_rewards=judge_rewards)
 
-The hypothesis under test is "density-aware prompt sampling reduces mode collapse": the density
-arm is compared with the baseline arm (model A = density, B = baseline, difference = A - B), and
-each model also with the SFT reference. See nanochat/kat/stats.py for the statistics.
-
-Verdicts rest on length-controlled differences. GRPO often changes how long a model writes, and
-most diversity figures move with length alone (distinct-n and Gini over more words, self-BLEU of
-longer samples, embeddings averaged over more tokens), so a raw difference between arms that
-write at different lengths mostly measures the length gap. Every primary metric therefore has a
-comparison at equal length, and its verdict and Holm p-value come from that; the raw differences
-are still computed and shown. Two ways to get there (Metric.length_control):
-- "prefix", for every figure computed from the text, per prompt or over the corpus: sample s of
-  prompt p of both arms is cut to the word count of the shorter of the two (BPE ids: to the
-  shorter id count, for EAD) and the figure recomputed; the paired test then compares texts of
-  equal length position by position. If the arms write the same way and differ only in when
-  they stop, the cut texts are alike in distribution and the test keeps its level exactly,
-  whatever the figure's shape in length (the corpus Gini of one word distribution, for one,
-  grows from about 0.64 at 5k words to 0.78 at 40k).
-- "regression", for the embedding distance and the reward, which need a model to recompute: the
-  intercept of the per-prompt difference regressed on the log-length difference
-  (paired_stats.length_adjusted_comparison). It assumes a line in log length; self-BLEU, for
-  one, is far from that, which is why text figures are cut instead (on text drawn from one word
-  distribution with one arm writing 1.6x longer, 400 prompts, 4 samples, the regression called
-  self-BLEU contradicted in 7 of 10 seeded runs).
-The across-prompt embedding distance has neither, so its verdict rests on the raw difference and
-it is not primary.
+Input, for every model label, on the same P prompts with N samples each: texts[label][p][s]
+(decoded response), token_ids[label][p][s] (its BPE ids, no special tokens), truncated[label][p][s]
+(hit max_tokens before <|assistant_end|>), embeddings[label] (float [P, N, D], unit rows) and
+optionally rewards / judge_rewards[label] (float [P, N]: the policy RM's and the independent judge's).
+The hypothesis "density-aware prompt sampling reduces mode collapse" is tested on density minus
+baseline (each model is also compared with SFT; statistics in nanochat/kat/stats.py). Verdicts rest
+on differences at equal length (Metric.length_control); why, and the checks behind it: dev/NOTES.md.
 """
 
 import math
@@ -55,7 +34,11 @@ class Metric:
     definition: str
     kind: str = "prompt"  # "prompt": one value per prompt; "corpus": one value over all prompts
     primary: bool = False  # in the family the overall verdict and the Holm correction cover
-    length_control: str | None = None  # "prefix" or "regression": how density vs baseline is compared at equal length
+    # How density vs baseline is compared at equal length (GRPO changes how long a model writes, and most
+    # figures move with length alone). "prefix": each sample pair cut to the shorter, the figure recomputed
+    # (every figure computed from the text); "regression": the intercept of the per-prompt difference on the
+    # log-length difference (the embedding distance and rewards, which need a model to recompute).
+    length_control: str | None = None
 
 
 METRICS = [
@@ -95,6 +78,7 @@ METRICS = [
     Metric("corpus_unigram_gini", "Unigram Gini (all prompts)", "lower",
            "Gini of the word counts over every response of the model", kind="corpus", primary=True,
            length_control="prefix"),
+    # no length control possible: its verdict would rest on the raw difference, so it is not primary
     Metric("across_prompt_distance", "Embedding distance across prompts", "higher",
            "mean 1 - cos between samples of different prompts", kind="corpus"),
     Metric("judge_reward", "Judge reward (quality)", "higher",
@@ -247,11 +231,13 @@ def compare(a: str, b: str, per_prompt: dict, word_lists: dict, embeddings: dict
                                                  metric.direction, **stats_kwargs)
         if equal_length is None or metric.length_control is None:
             continue
+        # prefix: texts of equal length compared position by position; if the arms differ only in when they
+        # stop, the test keeps its level exactly, whatever the figure's shape in length
         if metric.length_control == "prefix":
             adjusted[metric.name] = ps.paired_comparison(equal_length[a]["per_prompt"][metric.name],
                                                          equal_length[b]["per_prompt"][metric.name],
                                                          metric.direction, **stats_kwargs)
-        else:
+        else:  # regression: assumes a line in log length (self-BLEU is far from one: text figures are cut instead)
             adjusted[metric.name] = ps.length_adjusted_comparison(
                 per_prompt[a][metric.name], per_prompt[b][metric.name], per_prompt[a]["mean_words"],
                 per_prompt[b]["mean_words"], metric.direction, **stats_kwargs)

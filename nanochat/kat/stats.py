@@ -1,34 +1,17 @@
 """
 Paired statistics for comparing two models on the same prompts, and the verdicts read from them.
 
+    result = paired_comparison(a_values, b_values, direction="higher")   # diff, ci, p, d_z, verdict
+    p_holm = holm_adjust([r["p"] for r in primary_results])
+
 The unit is the prompt: both models answered the same prompts with the same seeds and sampling
 settings, so each prompt gives one paired difference d_i = metric(model A) - metric(model B), and
-prompt-to-prompt variation (some prompts invite em dashes, some do not) cancels.
-
-- Confidence interval: percentile bootstrap of the mean difference, resampling prompts with
-  replacement (Efron & Tibshirani 1993), 95% by default.
-- p-value: two-sided paired sign-flip permutation test. Under the null hypothesis the two models'
-  responses to a prompt are exchangeable, so each d_i is as likely to be -d_i; the p-value is the
-  share of sign patterns whose |mean| is at least the observed one. All 2^n patterns when
-  2^n <= n_resamples (exact), otherwise n_resamples random ones with p = (1 + hits) / (1 + R),
-  which is never 0 (Phipson & Smyth 2010). Identical inputs give p = 1.
-- Effect size: Cohen's d_z = mean(d) / sd(d) (ddof 1); undefined (nan) when sd is 0.
-- Corpus-level figures (distinct n-grams over all responses, across-prompt distances) are not
-  means of per-prompt values; `paired_corpus_test` resamples prompts for the interval and swaps
-  the two models' responses prompt by prompt for the permutation test, recomputing the figure.
-- Length control: `length_adjusted_comparison` regresses d_i on the difference of log lengths and
-  reports the intercept: the difference expected between responses of equal length. Its p-value
-  comes from the bootstrap (twice the smaller share of resampled intercepts on either side of 0,
-  the level at which the interval would just reach 0): when one model is always the longer, the
-  intercept is an extrapolation, and sign flips, which fill both sides of the length axis, would
-  understate its uncertainty.
-- Verdict on a metric whose better direction is known: "supported" when the difference is in the
-  better direction, its CI excludes 0 and p < alpha; "contradicted" when it is in the worse
-  direction under the same two conditions; otherwise "inconclusive". The rule is symmetric on
-  purpose: with few prompts the percentile interval can exclude 0 while p >= alpha, and a
-  contradiction must not be easier to declare than a support, nor survive a Holm correction
-  that a support would not. Holm's step-down correction (`holm_adjust`) controls the
-  family-wise error over the primary metrics.
+prompt-to-prompt variation (some prompts invite em dashes, some do not) cancels. Intervals are
+percentile bootstraps over prompts, p-values paired sign-flip permutation tests (the bootstrap for
+the length-adjusted intercept), effect sizes Cohen's d_z. A verdict is "supported" when the
+difference is in the better direction, its CI excludes 0 and p < alpha, "contradicted" in the worse
+direction under the same two conditions, else "inconclusive"; Holm's step-down correction covers
+the primary metrics. Several seeds per arm: hierarchical_bootstrap.
 """
 
 import math
@@ -49,7 +32,7 @@ def _paired_arrays(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bootstrap_ci(diffs, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of mean(diffs), resampling the paired units."""
+    """Percentile bootstrap interval of mean(diffs), resampling the paired units (Efron & Tibshirani 1993)."""
     d = np.asarray(diffs, dtype=np.float64)
     if len(d) == 0:
         return float("nan"), float("nan")
@@ -79,7 +62,12 @@ def _tolerance(values) -> float:
 
 
 def sign_flip_test(diffs, n_resamples: int = 10_000, seed: int = 0) -> float:
-    """Two-sided paired permutation p-value for mean(diffs) == 0 (see the module docstring)."""
+    """
+    Two-sided paired permutation p-value for mean(diffs) == 0: the share of sign patterns whose |mean|
+    is at least the observed one. Every pattern when 2^n <= n_resamples (exact), else n_resamples random
+    ones with p = (1 + hits) / (1 + R), which is never 0 (Phipson & Smyth 2010). Identical inputs give 1.
+    """
+    # under the null the two models' responses to a prompt are exchangeable: d_i is as likely as -d_i
     d = np.asarray(diffs, dtype=np.float64)
     if len(d) == 0:
         return float("nan")
@@ -93,6 +81,7 @@ def sign_flip_test(diffs, n_resamples: int = 10_000, seed: int = 0) -> float:
 
 
 def cohens_dz(diffs) -> float:
+    # d_z = mean(d) / sd(d), ddof 1; undefined (nan) when sd is 0
     d = np.asarray(diffs, dtype=np.float64)
     if len(d) < 2:
         return float("nan")
@@ -107,6 +96,8 @@ def verdict(diff: float, ci: tuple[float, float], p: float, direction: str | Non
     low, high = ci
     if not all(math.isfinite(v) for v in (diff, low, high, p)):
         return INCONCLUSIVE
+    # Symmetric on purpose: with few prompts the percentile interval can exclude 0 while p >= alpha, and a
+    # contradiction must not be easier to declare than a support, nor survive a Holm correction a support would not.
     excludes_zero = low > 0 or high < 0
     better = diff < 0 if direction == "lower" else diff > 0
     worse = diff > 0 if direction == "lower" else diff < 0
@@ -139,7 +130,8 @@ def paired_comparison(a, b, direction: str | None = None, n_resamples: int = 10_
 def paired_corpus_test(statistic, n_units: int, direction: str | None = None, n_resamples: int = 1000,
                        confidence: float = 0.95, alpha: float = 0.05, seed: int = 0) -> dict:
     """
-    A vs B on a figure computed from a whole set of prompts. statistic(rows) computes the figure
+    A vs B on a figure computed from a whole set of prompts, not a mean of per-prompt values (distinct
+    n-grams over all responses, across-prompt distances). statistic(rows) computes the figure
     from units picked by `rows` (with repeats) out of the two models' units stacked as
     [A's 0..n-1, B's n..2n-1]. The interval resamples prompts (the same prompts for A and B);
     the permutation test gives each prompt's A and B responses to either side at random.
@@ -185,7 +177,7 @@ def length_adjusted_comparison(a, b, length_a, length_b, direction: str | None =
     """
     The A - B difference at equal length: the intercept of the least-squares line of
     d_i = a_i - b_i on x_i = log(1 + length_a_i) - log(1 + length_b_i), with a bootstrap interval
-    and p-value over prompts (see the module docstring); slope is the part explained by length.
+    and p-value over prompts; slope is the part explained by length.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     length_a, length_b = np.asarray(length_a, dtype=np.float64), np.asarray(length_b, dtype=np.float64)
@@ -212,6 +204,9 @@ def length_adjusted_comparison(a, b, length_a, length_b, direction: str | None =
     if np.all(boot == 0):
         p = 1.0  # A and B agree on every prompt
     else:
+        # twice the smaller share on either side of 0: the level at which the interval would just reach 0.
+        # Not sign flips: when one model is always the longer, the intercept is an extrapolation, and sign
+        # flips, which fill both sides of the length axis, would understate its uncertainty.
         p = min(1.0, 2 * min((1 + (boot <= 0).sum()) / (1 + len(boot)), (1 + (boot >= 0).sum()) / (1 + len(boot))))
     result.update(diff=observed, ci=(float(low), float(high)), p=float(p), slope=slope)
     result["verdict"] = verdict(observed, result["ci"], p, direction, alpha) if direction else None
@@ -219,7 +214,8 @@ def length_adjusted_comparison(a, b, length_a, length_b, direction: str | None =
 
 
 def holm_adjust(pvalues) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1); nan stays nan."""
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1); nan stays nan. Controls the
+    family-wise error over the metrics passed in."""
     p = np.asarray(pvalues, dtype=np.float64)
     finite = np.flatnonzero(np.isfinite(p))
     adjusted = np.full(len(p), np.nan)
