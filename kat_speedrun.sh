@@ -6,16 +6,16 @@
 #   bash kat_speedrun.sh --tiny      # everything on a 2-core CPU, offline, from bundled samples
 #   bash kat_speedrun.sh --force=grpo_density,grpo_baseline   # rerun chosen stages
 #   WANDB_RUN=kat NPROC_PER_NODE=8 bash kat_speedrun.sh
-#   bash kat_speedrun.sh --control          # positive control, ~20 min on one GPU, on an existing outs/sft
-#   bash kat_speedrun.sh --tiny --control   # the same on a CPU, on the tiny preset's SFT model
-#   KAT_SEEDS=5 bash kat_speedrun.sh        # GRPO runs per arm (default 3; 1 with --tiny or --control)
+#   bash kat_speedrun.sh --control=sampler  # a control (sampler|tic|null), ~15 min on one GPU, on an existing outs/sft
+#   bash kat_speedrun.sh --tiny --control=null   # the same on a CPU, on the tiny preset's SFT model (plumbing only)
+#   KAT_SEEDS=5 bash kat_speedrun.sh        # GRPO runs per arm (default 3; 1 with --tiny)
 #   KAT_SHUFFLED=1 bash kat_speedrun.sh     # a third arm: the density weights shuffled across prompts
 #   KAT_PARALLEL_RUNS=4 bash kat_speedrun.sh   # the GRPO runs 4 at a time (default: one per GPU, if enough)
 #
 # GRPO run i of an arm writes outs/grpo_<arm> (i = 0) or outs/grpo_<arm>_s<i> with --seed=42+i. With a
 # GPU per run they all run at once, one GPU each; otherwise one after another over every GPU.
 # Options, skip/resume and --rl are speedrun.sh's (runs/lib.sh); the --tiny sizes are runs/tiny.sh,
-# the positive control (what it plants, where it writes, its overrides) runs/control.sh.
+# the controls (what each plants, where it writes, its overrides) runs/control.sh.
 
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -25,6 +25,7 @@ source ./speedrun.sh  # runs/lib.sh, nanochat_stages and the d20 run's flags
 # ----------------------------------------------------------------------------- the full experiment's flags
 # runs/tiny.sh and runs/control.sh replace them.
 PAIRS_FLAGS=(--max_pairs=100000)
+DENSITY_FLAGS=(--k=10 --beta=1.0)
 RM_FLAGS=()
 GRPO_FLAGS=(--max_steps=5000 --beta=0.1 --density_k=10)  # lr, advantages, KL: scripts.grpo's measured defaults
 GRPO_SEEDS="${KAT_SEEDS:-3}"  # runs per arm: the arms' difference is measured against the spread between seeds
@@ -32,6 +33,7 @@ DIVERSITY_FLAGS=()
 PREFETCH_STAGE=prefetch PREFETCH_FLAGS=()  # the preference data too
 AFTER_PREFETCH=(start_pairs_build)  # runs/control.sh clears it: the control builds its own pairs in its own root
 declare -A GRPO_SAMPLER=([density]=density [baseline]=uniform [shuffled]=shuffled)  # arm -> --prompt_sampling
+declare -A GRPO_SEED_OFFSET=()  # arm -> added to its runs' seeds (the null control gives its arms different ones)
 GRPO_ARMS=(density baseline)  # KAT_SHUFFLED=1 adds shuffled (check_kat_options)
 
 # ----------------------------------------------------------------------------- the stages
@@ -41,36 +43,44 @@ start_pairs_build() {
         python -m scripts.kat_pairs "${PAIRS_FLAGS[@]}"
 }
 
-kat_stages() {
+kat_data_stages() {
     local data="$NANOCHAT_KAT_CACHE/data"
     # preference pairs from HH-RLHF, UltraFeedback and Stack Exchange in one schema, split train/test
     wait_background kat_pairs_build  # started after prefetch
     run_stage kat_pairs "$data/pairs_all.jsonl" python -m scripts.kat_pairs "${PAIRS_FLAGS[@]}"
     # every prompt embedded by the SFT model; its density among its k nearest neighbours -> sampling weights
     run_stage kat_embed "$data/prompt_embeddings.npy" launch scripts.kat_embed --source=sft
-    run_stage kat_density "$data/prompt_weights.jsonl" python -m scripts.kat_density "${DEVICE_FLAGS[@]}" --k=10 --beta=1.0
+    run_stage kat_density "$data/prompt_weights.jsonl" python -m scripts.kat_density "${DEVICE_FLAGS[@]}" \
+        "${DENSITY_FLAGS[@]}"
+}
+
+# queue_grpo_runs PREFIX [FLAGS...]: GRPO_SEEDS runs of each arm in GRPO_ARMS with the same steps and
+# batch, seed index by seed index, as stages PREFIXgrpo_<arm>[_s<i>] (their outs/ folders) with
+# --seed=42+i (+ GRPO_SEED_OFFSET[arm]); the arms differ only in the prompt sampler
+queue_grpo_runs() {
+    local prefix="$1" i arm stage
+    shift
+    for ((i = 0; i < GRPO_SEEDS; i++)); do
+        for arm in "${GRPO_ARMS[@]}"; do
+            stage="${prefix}grpo_$arm"
+            if [ "$i" -gt 0 ]; then stage+="_s$i"; fi
+            queue_training_stage "$stage" scripts.grpo --run="$WANDB_RUN" "${GRPO_FLAGS[@]}" "$@" \
+                --prompt_sampling="${GRPO_SAMPLER[$arm]}" --seed=$((42 + i + ${GRPO_SEED_OFFSET[$arm]:-0})) \
+                --out_dir "$NANOCHAT_OUTS_DIR/$stage"
+        done
+    done
+}
+
+kat_stages() {
+    kat_data_stages
     # the prompts in 3-D for the web UI's /viz page
-    run_stage embedding_map "$data/embedding_map.json" python -m nanochat.kat.embedding_map
-    if [ "$CONTROL" = 1 ]; then
-        # the planted tic; after kat_density, which picks the pairs by prompt density. It rewrites
-        # responses only, so the embeddings and weights stay valid
-        run_stage kat_inject "$data/style_injection.json" python -m scripts.kat_inject "${INJECT_FLAGS[@]}"
-    fi
+    run_stage embedding_map "$NANOCHAT_KAT_CACHE/data/embedding_map.json" python -m nanochat.kat.embedding_map
     # the reward model: the SFT backbone plus a scalar head, on the train pairs (Bradley-Terry)
     run_training_stage train_rm rm launch scripts.train_rm --run="$WANDB_RUN" "${RM_FLAGS[@]}"
     # the independent judge: a second reward model on the other half of the train pairs, never GRPO's reward
     run_training_stage train_rm_judge rm_judge launch scripts.train_rm --role=judge --run="$WANDB_RUN" "${RM_FLAGS[@]}"
-    # GRPO from the SFT model, GRPO_SEEDS runs per arm with the same steps and batch; the arms differ
-    # only in the prompt sampler, and the runs of one seed index share the seed (runs/lib.sh runs them)
-    local i arm stage
-    for ((i = 0; i < GRPO_SEEDS; i++)); do
-        for arm in "${GRPO_ARMS[@]}"; do
-            stage="grpo_$arm"
-            if [ "$i" -gt 0 ]; then stage+="_s$i"; fi
-            queue_training_stage "$stage" scripts.grpo --run="$WANDB_RUN" "${GRPO_FLAGS[@]}" \
-                --prompt_sampling="${GRPO_SAMPLER[$arm]}" --seed=$((42 + i)) --out_dir "$NANOCHAT_OUTS_DIR/$stage"
-        done
-    done
+    # GRPO from the SFT model; the runs of one seed index share the seed (runs/lib.sh runs them)
+    queue_grpo_runs ""
     run_queued_stages
     # SFT and both arms sampled on the same held-out prompts: diversity, tics, paired statistics
     run_stage eval_diversity "$NANOCHAT_KAT_CACHE/diversity_report.md" launch scripts.eval_diversity \
@@ -109,35 +119,33 @@ stage logs/timings: $LOG_DIR/
 chat with a model:  python -m scripts.chat_cli -i grpo_density   (or -i grpo_baseline, -i sft)
 web UI (both arms side by side, embedding map at /viz):  python -m scripts.chat_web
 EOF
-    if [ "$CONTROL" = 1 ]; then
-        echo "positive control:   read the \"Positive control\" section of the diversity report first"
-    fi
 }
 
 # ----------------------------------------------------------------------------- the run
-parse_options "$@"  # --tiny, --rl, --control, --force[=stage,...], --help
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0  # sourced (tests/test_control_runs.py): the stages above only
+
+parse_options "$@"  # --tiny, --rl, --control=KIND, --force[=stage,...], --help
 if [ "$TINY" = 1 ]; then
     # shellcheck source=runs/tiny.sh
     source runs/tiny.sh
 fi
-if [ "$CONTROL" = 1 ]; then
+if [ -n "$CONTROL" ]; then
     # shellcheck source=runs/control.sh
     source runs/control.sh
 fi
 setup_environment  # output folders, the Python environment (uv), the number of processes
 check_kat_options  # KAT_SEEDS, KAT_SHUFFLED
 
-if [ "$CONTROL" = 1 ]; then
+if [ -n "$CONTROL" ]; then
     if [ "$TINY" = 1 ]; then
         nanochat_stages  # the CPU preset makes (or finds) its own tiny SFT model
     fi
-    control_environment  # the control's own root, the main run's tokenizer linked
-    # its starting policy: the main SFT model fine-tuned briefly with the tic in some conversations
-    run_training_stage control_sft sft launch scripts.control_sft --run="$WANDB_RUN" \
-        --source="$MAIN_SFT_DIR" "${CONTROL_SFT_FLAGS[@]}"
+    control_stages  # in the control's own root, the main run's tokenizer and SFT model linked
+    generate_report
+    control_summary
 else
     nanochat_stages
+    kat_stages
+    generate_report
+    kat_summary
 fi
-kat_stages
-generate_report
-kat_summary

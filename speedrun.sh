@@ -68,8 +68,8 @@ nanochat_stages() {
 [ "${BASH_SOURCE[0]}" = "$0" ] || return 0  # kat_speedrun.sh sources this file for the above
 
 parse_options "$@"  # --tiny, --rl, --force[=stage,...], --help
-if [ "$CONTROL" = 1 ]; then
-    echo "--control belongs to kat_speedrun.sh (the positive control of the KAT experiment)" >&2
+if [ -n "$CONTROL" ]; then
+    echo "--control=$CONTROL belongs to kat_speedrun.sh (the controls of the KAT experiment)" >&2
     exit 2
 fi
 if [ "$TINY" = 1 ]; then

@@ -15,7 +15,8 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 TINY=0         # --tiny: runs/tiny.sh's preset
 WITH_RL=0      # --rl: the optional GSM8K RL stage
-CONTROL=0      # --control: kat_speedrun.sh's positive control (runs/control.sh)
+CONTROL=""     # --control=sampler|tic|null: one of kat_speedrun.sh's controls (runs/control.sh)
+CONTROL_KINDS=(sampler tic null)
 FORCE=""       # --force (all) or --force=a,b: stages to rerun
 NPROC=""       # processes per stage: a preset's choice, else NPROC_PER_NODE, else one per GPU
 DEVICE_FLAGS=()  # a preset's --device_type, given to every launched stage
@@ -30,11 +31,27 @@ parse_options() {
             --rl) WITH_RL=1 ;;
             --force) FORCE="all" ;;
             --force=*) FORCE="${arg#--force=}" ;;
-            --control) CONTROL=1 ;;
+            --control=*) CONTROL="${arg#--control=}"; check_control_kind ;;
+            --control) echo "--control needs a kind: $(control_kinds_help)" >&2; exit 2 ;;
             -h|--help) print_usage; exit 0 ;;
             *) echo "unknown option: $arg (see --help)" >&2; exit 2 ;;
         esac
     done
+}
+
+control_kinds_help() {
+    echo "--control=sampler (a reward planted in rare prompts: the density arm must keep more of it)," \
+         "--control=tic (an em dash rewarded at doses 0, 0.25, 0.5: amplified with the dose) or" \
+         "--control=null (uniform against uniform: the verdict must be no difference)"
+}
+
+check_control_kind() {
+    local kind
+    for kind in "${CONTROL_KINDS[@]}"; do
+        [ "$CONTROL" = "$kind" ] && return 0
+    done
+    echo "unknown control '$CONTROL': $(control_kinds_help)" >&2
+    exit 2
 }
 
 print_usage() {  # the running script's opening comment

@@ -60,4 +60,5 @@ RM_FLAGS=(--device_batch_size="$TINY_CONV_ROWS" --pairs_per_step=32 --num_epochs
 GRPO_FLAGS=(--max_steps=8 --prompts_per_step="$TINY_PROMPTS" --samples_per_prompt=4 --max_new_tokens=48
             --learning_rate=1e-3 --beta=0.1 --density_k=10 --eval_every=-1 --eval_prompts=8 --save_every=2)
 GRPO_SEEDS="${KAT_SEEDS:-1}"  # one run per arm keeps the preset within its minutes
-DIVERSITY_FLAGS=(--num_prompts=24 --num_samples=2 --max_tokens=48 --num_resamples=2000 --num_corpus_resamples=200)
+DIVERSITY_FLAGS=(--num_prompts=24 --num_samples=2 --max_tokens=48 --num_resamples=2000 --num_corpus_resamples=200
+                 --tiny=true)  # the report says plainly that none of it is evidence

@@ -32,7 +32,7 @@ from nanochat.common import (compute_cleanup, compute_init, git_commit, get_kat_
                              stage_dir)
 from nanochat.kat.arm_stats import analyse_arms, collapse_alarm
 from nanochat.kat.controls import (controls_dir, null_control, per_prompt_marker_rates, plant_record, read_outcomes,
-                                   sampler_control, write_outcome)
+                                   sampler_control, synthetic_controls, write_outcome)
 from nanochat.kat.controls_report import controls_headline
 from nanochat.kat.data import KatData
 from nanochat.kat.density import kish_ess
@@ -46,7 +46,6 @@ from nanochat.report import get_report
 from nanochat.kat.reward_model import load_reward_model
 from nanochat.kat.runs import bracket, discover_runs, kl_target, load_runs
 from nanochat.kat.style_injection import file_digest, policy_probes, probe_pairs, tic_preference
-from nanochat.kat.toy import sampler_control_summary
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -456,10 +455,10 @@ def score_all(rm_checkpoint: Path | None, prompts: list[dict], texts: dict, cfg:
 
 def controls_part(cfg: Config, runs, matched: dict, arms: dict, texts: dict, quintiles: list[int], data: KatData,
                   settings: dict) -> dict:
-    """The report's "controls": the synthetic sampler control, and this run's own control (--control) or the
+    """The report's "controls": the synthetic sampler control and null, and this run's own control (--control) or the
     outcomes of the control runs under --controls_dir."""
     root = Path(cfg.controls_dir) if cfg.controls_dir else controls_dir()
-    part = {"this": cfg.control, "tiny": cfg.tiny, "synthetic": sampler_control_summary(), "controls_dir": str(root),
+    part = {"this": cfg.control, "tiny": cfg.tiny, **synthetic_controls(), "controls_dir": str(root),
             "outcomes": {} if cfg.control else read_outcomes(root)}
     if cfg.control == "sampler":
         rates = per_prompt_marker_rates(texts, plant_record(runs)["marker"])

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from nanochat.common import atomic_write, get_kat_cache_dir, get_outs_dir, git_commit
 from nanochat.flags import flags_dict, opt, parse_flags
-from nanochat.kat.controls import TIC_MARKER, tic_dose_response, write_outcome
+from nanochat.kat.controls import TIC_MARKER, synthetic_controls, tic_dose_response, write_outcome
 from nanochat.kat.controls_report import TITLE, controls_headline, controls_section
 from nanochat.kat.runs import bracket, kl_target, load_run
-from nanochat.kat.toy import sampler_control_summary
 from nanochat.report import get_report
 
 DOSE_FOLDERS = "tic_dose_*"  # runs/control.sh puts dose d's runs in outs/tic_dose_<d>/grpo_baseline[_s<i>]
@@ -65,12 +64,13 @@ def main(argv=None):
         result = tic_dose_response(by_dose, target, how, bracket, confidence=cfg.confidence)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"tic control: {err}") from None
-    controls = {"this": "tic", "tiny": cfg.tiny, "synthetic": sampler_control_summary(), "tic": result, "outcomes": {},
+    controls = {"this": "tic", "tiny": cfg.tiny, **synthetic_controls(), "tic": result, "outcomes": {},
                 "controls_dir": ""}
     report = Path(cfg.output_report) if cfg.output_report else get_kat_cache_dir() / "control_report.md"
     lines = ["# Tic control: is a known reward amplified, in proportion to its dose?", "",
              f"Runs: {', '.join(run.name for run in runs)}; written {time.strftime('%Y-%m-%d %H:%M:%S')}, commit "
              f"{git_commit()}.", "", f"## {TITLE}", "", *controls_section(controls)]
+    report.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(report, "\n".join(lines) + "\n")
     outcome = write_outcome(report.parent, "tic", result, report, cfg.tiny, git_commit())
     headline = controls_headline(controls)

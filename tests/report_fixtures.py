@@ -26,6 +26,7 @@ from nanochat.kat.arm_stats import collapse_alarm
 from nanochat.kat.diversity_eval import model_tables
 from nanochat.kat.reward_model import KIND, RewardModel
 from nanochat.kat.runs import ARMS, DRAWS_FILE, TRAJECTORY_FILE, load_runs, stage_name
+from nanochat.kat.controls import null_false_positive_rate
 from nanochat.kat.toy import sampler_control_summary
 from scripts.eval_diversity import compare_arms, plan_matched_kl, run_summary
 
@@ -177,13 +178,13 @@ def seed_context_part(density: int = 1, uniform: int = 1) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _synthetic_sampler_control() -> dict:
-    return sampler_control_summary()
+def _synthetic_controls() -> dict:
+    return {"synthetic": sampler_control_summary(), "null_fpr": null_false_positive_rate(replicates=20, seed_sd=0.05)}
 
 
 def controls_part(tiny: bool = False) -> dict:
-    """The synthetic sampler control and no control run (a fresh copy)."""
-    return {"this": "", "tiny": tiny, "synthetic": copy.deepcopy(_synthetic_sampler_control()), "controls_dir": "x",
+    """The synthetic sampler control and null, and no control run (a fresh copy)."""
+    return {"this": "", "tiny": tiny, **copy.deepcopy(_synthetic_controls()), "controls_dir": "x",
             "outcomes": {"sampler": None, "tic": None, "null": None}}
 
 

@@ -1,7 +1,8 @@
 """
 The controls (nanochat/kat/controls.py): the planted rule reward and its base-rate refusal, in GRPO too
 (tiny models, tests/grpo_fixtures.py); the sampler, tic and null controls' analyses on synthetic runs;
-the primary verdict's false-positive rate on synthetic null tables; the outcome files.
+the primary verdict's false-positive rate on synthetic null tables; the outcome files; scripts.tic_control
+on run folders.
 """
 
 import json
@@ -19,10 +20,10 @@ from nanochat.kat.controls import (PlantedReward, choose_marker, null_false_posi
                                    pooled_within_std)
 from nanochat.kat.controls_report import controls_headline, controls_section
 from nanochat.kat.data import KatData
-from nanochat.kat.runs import Run, bracket
-from scripts import grpo
+from nanochat.kat.runs import TRAJECTORY_FILE, Run, bracket
+from scripts import grpo, tic_control
 from tests.grpo_fixtures import FLAGS, LetterCount, build_kat_run, logged, point_env_at
-from tests.report_fixtures import controls_part
+from tests.report_fixtures import controls_part, make_run_folder
 
 torch.set_num_threads(1)
 
@@ -289,7 +290,58 @@ def test_outcomes_are_read_back_and_listed_in_the_main_reports_section(tmp_path)
     row = next(line for line in section.splitlines() if line.startswith("| null control"))
     assert "**passed** (tiny preset: not evidence)" in row and "two identical samplers" in row
     assert "not run (`bash kat_speedrun.sh --control=sampler`)" in section
-    assert controls_headline(part).startswith("synthetic sampler control passed; sampler control not run; tic control "
-                                              "not run; null control passed")
+    headline = controls_headline(part)
+    assert headline.startswith(f"synthetic sampler control passed; synthetic null control passed "
+                               f"({part['null_fpr']['false_positives']}/20 false positives); sampler control not run; "
+                               "tic control not run; null control passed")
+    row = next(line for line in section.splitlines() if line.startswith("| synthetic null control"))
+    assert f"**passed**: {part['null_fpr']['false_positives']} of 20 pairs" in row
     with pytest.raises(ValueError, match="unknown control"):
         controls.write_outcome(tmp_path, "other", {"status": "passed", "passed": True}, tmp_path, False, "abc")
+
+
+# -----------------------------------------------------------------------------
+# scripts.tic_control on run folders
+
+def tic_folders(outs: Path, gains: dict, seeds: int = 3, plant: bool = True):
+    """Per dose, `seeds` uniform runs whose em-dash rate rises from 1.0 by `gain` (+-0.05 by seed) over KL 0..3."""
+    for dose, gain in gains.items():
+        for i in range(seeds):
+            run_dir = make_run_folder(outs / f"tic_dose_{dose:g}", "uniform", i, [0.0, 1.0, 2.0, 3.0])
+            config = json.loads((run_dir / "config.json").read_text())
+            if plant:
+                config["plant"] = {"marker": controls.TIC_MARKER, "quintile": 0, "fraction": dose, "bonus": 1.0}
+            (run_dir / "config.json").write_text(json.dumps(config))
+            rows = [json.loads(line) for line in (run_dir / TRAJECTORY_FILE).read_text().splitlines()]
+            for k, row in enumerate(rows):
+                row["em_dash_per_1k_chars"] = 1.0 + gain * k / 3 + (0.05 * (i - 1) if k else 0.0)
+            (run_dir / TRAJECTORY_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture
+def tic_env(tmp_path, monkeypatch):
+    for name, folder in (("NANOCHAT_OUTS_DIR", "outs"), ("NANOCHAT_BASE_DIR", "base"), ("NANOCHAT_KAT_CACHE", "cache")):
+        monkeypatch.setenv(name, str(tmp_path / folder))
+    monkeypatch.setenv("NANOCHAT_REPORT_PATH", str(tmp_path / "report.md"))
+    return tmp_path
+
+
+def test_tic_control_reads_the_dose_runs_and_writes_its_report_and_outcome(tic_env):
+    tic_folders(tic_env / "outs", {0.0: 0.0, 0.25: 0.6, 0.5: 1.2})
+    result = tic_control.main(["--kl_budget=1.5", "--tiny=true"])
+    assert result["passed"] is True and sorted(result["by_dose"]) == [0.0, 0.25, 0.5]
+    assert result["by_dose"][0.5]["mean"] == pytest.approx(0.6)  # halfway from KL 1 to 2: 1.5/3 of the gain
+    assert "tic_dose_0.25/grpo_baseline_s2" in result["runs"]
+    report = (tic_env / "cache" / "control_report.md").read_text()
+    assert report.split("\n## ")[1].startswith("Controls\n") and "none of it is evidence" in report
+    assert "| tic control (this run)" in report and "**Tic control: passed.**" in report
+    outcome = json.loads((tic_env / "cache" / controls.OUTCOME_FILE).read_text())
+    assert (outcome["kind"], outcome["passed"], outcome["tiny"]) == ("tic", True, True)
+
+
+def test_tic_control_refuses_runs_that_are_not_tic_control_runs(tic_env):
+    with pytest.raises(SystemExit, match="no tic control run"):
+        tic_control.main([])
+    tic_folders(tic_env / "outs", {0.0: 0.0}, seeds=1, plant=False)
+    with pytest.raises(SystemExit, match=r"config.json: not a tic control run .*--plant_quintile=0"):
+        tic_control.main([])

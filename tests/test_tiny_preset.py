@@ -1,24 +1,18 @@
 """
 The newcomer's command, end to end: `bash kat_speedrun.sh --tiny --rl` on this CPU, offline, from
 the bundled samples. Every stage must finish, and every output must exist, load and hold finite
-numbers. Then `--tiny --control` on the same run: the positive control must reuse the main run's
-stages, train its own SFT model with the tic, and leave the main run's files as they were. This
-is the slowest test (several minutes on 2 cores); it is the one that proves the stages fit together.
-The run itself is tests/conftest.py's tiny_run, made once per session.
+numbers (the controls on the same run: tests/test_control_runs.py). This is the slowest test
+(several minutes on 2 cores); it is the one that proves the stages fit together. The run itself
+is tests/conftest.py's tiny_run, made once per session.
 """
 
-import hashlib
 import json
 import math
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from nanochat.common import REPO_ROOT
-from tests.tiny_fixtures import tiny_env
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -101,44 +95,3 @@ def test_kat_data_and_diversity_report_are_complete(tiny_run):
             assert all(v is not None and math.isfinite(v) for v in finite), f"{label}/{metric} is not finite"
     rm_eval = json.loads((root / "outs" / "rm" / "eval.json").read_text())
     assert rm_eval["split"] == "test" and rm_eval["n_pairs"] > 0 and math.isfinite(rm_eval["accuracy"])
-
-
-def _digests(paths) -> dict:
-    return {str(path): hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}
-
-
-def test_positive_control_runs_on_the_tiny_run_and_leaves_it_untouched(tiny_run):
-    """`--tiny --control` after the tiny run: its own SFT model with the tic, the main run's
-    tokenizer linked, the main run's files byte for byte as they were (about 2 minutes)."""
-    root, _ = tiny_run
-    main_sft, control = root / "outs" / "sft", root / "control"
-    untouched = sorted(p for p in main_sft.rglob("*") if p.is_file()) + [root / ".cache" / "diversity_report.md"]
-    before = _digests(untouched)
-    result = subprocess.run(["bash", "kat_speedrun.sh", "--tiny", "--control"], cwd=REPO_ROOT, env=tiny_env(root),
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, f"--tiny --control failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    for stage in ["tok_train", "base_train", "mid_train", "chat_sft", "chat_eval_sft"]:
-        assert f"[skip] {stage}:" in result.stdout, f"the control reran the main run's {stage}"
-    assert "[run ] control_sft" in result.stdout
-    assert _digests(untouched) == before, "the control changed the main run's SFT model or diversity report"
-
-    control_sft = control / "outs" / "sft"
-    assert control_sft.is_dir() and not control_sft.is_symlink()
-    assert (control_sft / "ckpt.pt").is_file() and not (control_sft / "ckpt.pt").is_symlink()
-    config = json.loads((control_sft / "config.json").read_text())
-    assert config["train_args"]["tic_style"] == "emdash" and config["train_args"]["tic_rate"] == 0.3
-    assert Path(config["init_from"]).resolve() == (main_sft / "ckpt.pt").resolve()
-    tok = control / "base" / "tok"
-    assert tok.is_symlink() and tok.resolve() == (root / "base" / "tok").resolve()
-
-    report = (control / ".cache" / "diversity_report.md").read_text()
-    assert "## Positive control" in report
-    section = report[report.index("## Positive control"):]
-    planted = re.search(r"fine-tuned with em dashes in (\d+) of its (\d+) conversations", section)
-    assert planted and (int(planted[1]), int(planted[2])) == (config["tic_conversations"], config["conversations"])
-    assert 0 < config["tic_conversations"] < config["conversations"]
-    assert re.search(r"^\*\*Outcome: (passed|failed at the reward model|failed at GRPO)\.\*\*$", section, re.M), \
-        "the Positive control section has no outcome line"
-    assert re.search(r"^\| figure \| value \| 95% CI \| p \|$", section, re.M), "no table of the RM's preference for the tic"
-    row = re.search(r"^\| probes where the tic version scores higher \(of (\d+)\) \| ([0-9.]+) \|", section, re.M)
-    assert row and int(row[1]) >= 2 and 0 <= float(row[2]) <= 1

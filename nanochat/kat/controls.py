@@ -10,8 +10,8 @@ is meant to see. Computing here; the report's "Controls" section is nanochat/kat
   density arm minus uniform arm, over seeds then prompts.
 - tic control (scripts.tic_control): the em-dash rate at a matched KL along each run's trajectory, per dose.
 - null control (scripts.eval_diversity --control=null): the primary verdict on two uniform samplers.
-- synthetic: nanochat/kat/toy.py's sampler control, and the primary verdict's false-positive rate on
-  synthetic null tables (null_false_positive_rate; python -m dev.null_control_fpr prints it).
+- synthetic (synthetic_controls): nanochat/kat/toy.py's sampler control, and the primary verdict's
+  false-positive rate on synthetic null tables (python -m dev.null_control_fpr measures it at length).
 """
 
 import hashlib
@@ -28,6 +28,7 @@ from nanochat.common import atomic_write, get_outs_dir
 from nanochat.kat import stats as ps
 from nanochat.kat.arm_stats import ONE_SEED, PRIMARY_METRIC, analyse_arms, arm_contrast
 from nanochat.kat.diversity import EM_DASH
+from nanochat.kat.toy import sampler_control_summary
 
 KINDS = ("sampler", "tic", "null")
 OUTCOME_FILE = "control_outcome.json"  # in a control root's KAT cache: what the main report reads
@@ -38,6 +39,7 @@ TIC_MARKER = EM_DASH
 TARGET_BASE_RATE = 0.25  # auto: the candidate whose base rate is closest to this (room to rise, often seen)
 UNIFORM_ESS_FRACTION = 0.999  # the null control's density arm must sample uniformly: Kish ESS = n
 PASSED, FAILED, INCOMPLETE = "passed", "failed", "incomplete"
+REPORT_NULL_REPLICATES = 100  # the synthetic null in every control report: seconds of CPU (dev.null_control_fpr: more)
 
 
 def controls_dir() -> Path:
@@ -285,8 +287,17 @@ def null_false_positive_rate(replicates: int = 200, seeds: int = 3, prompts: int
         positives += verdict in (ps.SUPPORTED, ps.CONTRADICTED)
     low = float(scipy_stats.beta.ppf(0.025, positives, replicates - positives + 1)) if positives else 0.0
     high = float(scipy_stats.beta.ppf(0.975, positives + 1, replicates - positives)) if positives < replicates else 1.0
+    se = math.sqrt(alpha * (1 - alpha) / replicates)
     return {"replicates": replicates, "false_positives": positives, "rate": positives / replicates, "ci": (low, high),
-            "seeds": seeds, "prompts": prompts, "alpha": alpha, "binomial_se": math.sqrt(alpha * (1 - alpha) / replicates)}
+            "seeds": seeds, "prompts": prompts, "alpha": alpha, "binomial_se": se, "bound": alpha + 2 * se,
+            "passed": positives / replicates <= alpha + 2 * se, **synthetic}
+
+
+def synthetic_controls() -> dict:
+    """What every control report opens with: the toy sampler control (nanochat/kat/toy.py) and the primary
+    verdict's false-positive rate on synthetic null pairs whose seeds differ as much as real runs' do."""
+    return {"synthetic": sampler_control_summary(),
+            "null_fpr": null_false_positive_rate(replicates=REPORT_NULL_REPLICATES, seed_sd=0.05)}
 
 
 # -----------------------------------------------------------------------------

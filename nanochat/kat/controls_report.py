@@ -2,8 +2,8 @@
 The "Controls" section that opens the diversity report (scripts.eval_diversity) and the tic control's
 report (scripts.tic_control): which controls ran, whether each passed, what that means for trusting
 the main result, then each control's figures. It renders the "controls" part of the report context
-(nanochat/kat/controls.py computes it): {"this", "tiny", "synthetic", "sampler", "null", "tic",
-"outcomes", "controls_dir"}.
+(nanochat/kat/controls.py computes it): {"this", "tiny", "synthetic", "null_fpr", "sampler", "null",
+"tic", "outcomes", "controls_dir"}.
 """
 
 import math
@@ -17,6 +17,8 @@ COMMANDS = {"sampler": "bash kat_speedrun.sh --control=sampler", "tic": "bash ka
 CHECKS = {
     "synthetic": "the project's sampler, advantages and loss on a toy policy: a preference planted in a rare cluster "
                  "rises faster under density sampling, by about the ratio of the draw probabilities",
+    "null_fpr": "the primary verdict on synthetic pairs of arms drawn alike (seeds, then prompts, as in real runs): "
+                "it may declare a difference in at most 5% of them, plus the binomial error",
     "sampler": "the whole pipeline: a rule reward planted only in the rarest density quintile must leave more of its "
                "marker on held-out rare prompts in the density arm than in the uniform arm (seeds, then prompts)",
     "tic": "reward -> GRPO -> evaluation: an em dash rewarded on a fraction 0, 0.25, 0.5 of the prompts must be "
@@ -28,6 +30,9 @@ MEANING = {
     ("synthetic", True): "the code does what the experiment assumes of it",
     ("synthetic", False): "the code does not do what the experiment assumes: no difference between the arms below can "
                           "be read as a sampler effect",
+    ("null_fpr", True): "the verdict's false-positive rate is what its 5% level promises, where its assumptions hold",
+    ("null_fpr", False): "the verdict declares differences between identical arms too often: a 'supported' or "
+                         "'contradicted' main verdict may be noise",
     ("sampler", True): "the pipeline can see a sampler effect of the planted size: a null main result means a smaller "
                        "effect, not a blind pipeline",
     ("sampler", False): "the pipeline did not see a planted sampler effect: a null main result is uninformative at this "
@@ -42,8 +47,8 @@ MEANING = {
 }
 NOT_RUN = {"sampler": "no evidence that this pipeline can see a sampler effect at all",
            "tic": "no evidence that GRPO and the evaluation respond to a known reward",
-           "null": "the false-positive rate of the verdict on real runs is not measured (the synthetic one is in "
-                   "tests/test_controls.py and dev/null_control_fpr.py)"}
+           "null": "the false-positive rate of the verdict on real runs is not measured (the synthetic one is "
+                   "in the table above; python -m dev.null_control_fpr measures it at length)"}
 TINY_WARNING = ("**Tiny preset: a 2-layer model trained for minutes on a few MB. Every outcome in this report, the "
                 "controls' included, shows that the stages run and fit together; none of it is evidence about "
                 "density sampling.**")
@@ -63,6 +68,12 @@ def _status_rows(controls: dict) -> list[list[str]]:
     synthetic = controls["synthetic"]
     rows = [["synthetic sampler control (computed for this report, CPU)", CHECKS["synthetic"],
              f"**{_word(synthetic['passed'])}**: {synthetic['reason']}", _meaning("synthetic", synthetic["passed"])]]
+    null = controls["null_fpr"]
+    rows.append(["synthetic null control (computed for this report, CPU)", CHECKS["null_fpr"],
+                 f"**{_word(null['passed'])}**: {null['false_positives']} of {null['replicates']} pairs "
+                 f"({null['rate']:.1%}, Clopper-Pearson 95% [{null['ci'][0]:.1%}, {null['ci'][1]:.1%}]; bound {null['bound']:.1%}; "
+                 f"python -m dev.null_control_fpr for more)",
+                 _meaning("null_fpr", null["passed"])])
     kinds = [controls["this"]] if controls["this"] else list(COMMANDS)
     for kind in kinds:
         result = controls.get(kind)
@@ -81,7 +92,9 @@ def _status_rows(controls: dict) -> list[list[str]]:
 
 def controls_headline(controls: dict) -> str:
     """One line for the report card: each control's outcome."""
-    words = [f"synthetic sampler control {_word(controls['synthetic']['passed'])}"]
+    null = controls["null_fpr"]
+    words = [f"synthetic sampler control {_word(controls['synthetic']['passed'])}",
+             f"synthetic null control {_word(null['passed'])} ({null['false_positives']}/{null['replicates']} false positives)"]
     for kind in [controls["this"]] if controls["this"] else list(COMMANDS):
         result = controls.get(kind) or controls["outcomes"].get(kind)
         words.append(f"{kind} control " + (result["status"] if result else "not run"))
