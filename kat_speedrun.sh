@@ -6,7 +6,7 @@
 #   bash kat_speedrun.sh --tiny      # everything on a 2-core CPU, offline, from bundled samples
 #   bash kat_speedrun.sh --force=grpo_density,grpo_baseline   # rerun chosen stages
 #   WANDB_RUN=kat NPROC_PER_NODE=8 bash kat_speedrun.sh
-#   bash kat_speedrun.sh --control=sampler  # a control (sampler|tic|null), ~15 min on one GPU, on an existing outs/sft
+#   bash kat_speedrun.sh --control=sampler  # a control (sampler|tic|null), est. 15 min on one GPU, on an existing outs/sft
 #   bash kat_speedrun.sh --tiny --control=null   # the same on a CPU, on the tiny preset's SFT model (plumbing only)
 #   KAT_SEEDS=5 bash kat_speedrun.sh        # GRPO runs per arm (default 3; 1 with --tiny)
 #   KAT_SHUFFLED=1 bash kat_speedrun.sh     # a third arm: the density weights shuffled across prompts

@@ -6,6 +6,8 @@
 #   TINY_RUN_DIR=/tmp/t       outputs there instead (the end-to-end test points it at a temporary folder)
 #   NPROC_PER_NODE=2          torchrun over 2 processes (gloo on CPU): the distributed code paths at tiny size
 #   TINY_DEVICE_TYPE=cuda     the same on GPUs (NCCL)
+#   TINY_DEPTH=8              a deeper model from the same samples (default 2): with cuda, the d8 SFT model the
+#                             controls start from on one GPU (runs/control.sh)
 #   OMP_NUM_THREADS_TINY=N    torch threads per process (default: the cores shared among the processes)
 #   KAT_SEEDS=2               GRPO runs per arm (default 1)
 
@@ -40,7 +42,7 @@ DEVICE_FLAGS=(--device_type="${TINY_DEVICE_TYPE:-cpu}")
 TOK_TRAIN_FLAGS=(--vocab_size=4096 --max_chars=20000000)
 # --identical_batches: the bundled validation file has only 2 row groups, too few to give each of 4
 # or 8 ranks its own, and with it any NPROC trains on the tokens one process does
-BASE_TRAIN_FLAGS=(--depth=2 --max_seq_len=256 --device_batch_size="$TINY_ROWS" --total_batch_size=4096
+BASE_TRAIN_FLAGS=(--depth="${TINY_DEPTH:-2}" --max_seq_len=256 --device_batch_size="$TINY_ROWS" --total_batch_size=4096
                   --num_iterations=120 --eval_every=60 --eval_tokens=16384 --core_metric_every=-1
                   --sample_every=120 --save_every=60 --identical_batches=true)
 BASE_LOSS_FLAGS=(--device_batch_size="$TINY_ROWS" --split_tokens=16384 --identical_batches=true)
