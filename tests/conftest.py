@@ -128,3 +128,13 @@ def tiny_run(tmp_path_factory):
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, f"kat_speedrun.sh --tiny failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return root, result.stdout
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test on the tiny preset's run (minutes of subprocesses) must carry the slow marker: the quick lane
+    (-m "not slow") would otherwise start the whole preset."""
+    unmarked = [item.nodeid for item in items if "tiny_run" in getattr(item, "fixturenames", ())
+                and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests use the tiny_run fixture without @pytest.mark.slow: "
+                                + ", ".join(unmarked))

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from collections import Counter
 from functools import partial
-from pathlib import Path
 
 import pytest
 

@@ -19,6 +19,8 @@ import torch
 from nanochat.common import REPO_ROOT
 from tests.tiny_fixtures import tiny_env
 
+pytestmark = pytest.mark.slow  # the tiny preset, then four GRPO runs at once
+
 RUNS = {"grpo_density": ("density", 42), "grpo_baseline": ("uniform", 42),  # run -> (sampler, seed)
         "grpo_density_s1": ("density", 43), "grpo_baseline_s1": ("uniform", 43)}
 STEPS = 8  # runs/tiny.sh's GRPO --max_steps, an intermediate checkpoint every 2 steps

@@ -133,7 +133,7 @@ def sampler_lines(result: dict) -> list[str]:
     plant = result["plant"]
     first = next(iter(plant["runs"].values()))
     candidates = first.get("candidate_rates") or {}
-    chosen = (f" (--plant_marker=auto chose it from the starting policy's samples: "
+    chosen = (" (--plant_marker=auto chose it from the starting policy's samples: "
               + ", ".join(f"{m!r} {r:.1%}" for m, r in candidates.items()) + ")") if first.get("requested") == "auto" else ""
     lines = ["**Sampler control** (scripts.grpo --plant_marker): GRPO's reward gained "
              f"{fmt(first['bonus_abs'])} ({plant['bonus']:g} x the policy RM's spread among one prompt's samples) for a "
