@@ -324,6 +324,10 @@ def _enter_minimal_root(linux: LinuxCalls, job: dict):
     """Build the candidate's whole filesystem on a fresh tmpfs and chroot into it (this mount namespace only)."""
     root = job["root_dir"]
     linux.mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    # /tmp first: an exposed path under /tmp (a checkout or venv there) is then bound inside it, not hidden by it
+    os.mkdir(root + "/tmp", 0o755)
+    linux.mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                f"mode=1777,size={job['tmp_bytes']},nr_inodes=4096")
     bound = set()
     for path in job["expose"]:
         _expose(linux, root, path, bound)
@@ -338,9 +342,6 @@ def _enter_minimal_root(linux: LinuxCalls, job: dict):
     for device in ("null", "zero", "random", "urandom"):
         open(f"{root}/dev/{device}", "x").close()
         linux.mount(f"/dev/{device}", f"{root}/dev/{device}", None, MS_BIND)
-    os.mkdir(root + "/tmp", 0o755)
-    linux.mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                f"mode=1777,size={job['tmp_bytes']},nr_inodes=4096")
     os.mkdir(root + job["workdir"], 0o700)
     if job["candidate_uid"] is not None:
         os.chown(root + job["workdir"], job["candidate_uid"], job["candidate_uid"])

@@ -5,7 +5,10 @@ layer, the test asserts that result.unprotected says so instead of asserting the
 """
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from nanochat import execution
+from nanochat.common import REPO_ROOT
 from nanochat.execution import MAX_PROCESSES, SANDBOX_SCRIPT, SandboxError, check_function, execute_code
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -336,3 +340,26 @@ def test_without_namespaces_strict_mode_fails_and_auto_says_what_is_missing(monk
         return
     assert not plan.namespaces and {"network", "filesystem", "programs", "ctypes"} <= set(plan.unprotected)
     assert "no namespaces in this test" in caplog.text and "WITHOUT network" in caplog.text
+
+
+def test_a_checkout_under_tmp_runs_in_the_namespace_sandbox(tmp_path, monkeypatch):
+    """The sandbox script lives in the checkout; a checkout under /tmp (pytest's tmp_path) is bound inside the
+    candidate's own /tmp instead of colliding with it (it failed with FileExistsError on root/tmp)."""
+    monkeypatch.setenv("NANOCHAT_SANDBOX", "namespaces")
+    try:
+        execution.sandbox_plan.__wrapped__()
+    except SandboxError as e:
+        pytest.skip(f"no namespace sandbox on this machine: {str(e).splitlines()[0]}")
+    checkout = tmp_path / "checkout"
+    assert str(checkout).startswith("/tmp/")
+    shutil.copytree(REPO_ROOT / "nanochat", checkout / "nanochat", ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("from nanochat.execution import execute_code, check_function\n"
+            "r = execute_code(\"import os; print('ran in', os.getcwd())\")\n"
+            "assert r.success and r.stdout.startswith('ran in /tmp/'), r\n"
+            "f = check_function('def f(x):\\n    return x + 1\\n', 'def check(c):\\n    assert c(1) == 2\\n', 'f')\n"
+            "assert f.success, f\n"
+            "import nanochat.execution as e; print(e.SANDBOX_SCRIPT)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(checkout)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith(str(checkout / "nanochat" / "execution_sandbox.py"))
