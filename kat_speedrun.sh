@@ -10,7 +10,7 @@
 #   bash kat_speedrun.sh --tiny --control=null   # the same on a CPU, on the tiny preset's SFT model (plumbing only)
 #   KAT_SEEDS=5 bash kat_speedrun.sh        # GRPO runs per arm (default 3; 1 with --tiny)
 #   KAT_SHUFFLED=1 bash kat_speedrun.sh     # a third arm: the density weights shuffled across prompts
-#   KAT_PARALLEL_RUNS=4 bash kat_speedrun.sh   # the GRPO runs 4 at a time (default: one per GPU, if enough)
+#   KAT_PARALLEL_RUNS=6 bash kat_speedrun.sh   # all GRPO runs at once if they are at most 6 (default: the GPUs), else one by one
 #
 # GRPO run i of an arm writes outs/grpo_<arm> (i = 0) or outs/grpo_<arm>_s<i> with --seed=42+i. With a
 # GPU per run they all run at once, one GPU each; otherwise one after another over every GPU.
@@ -35,6 +35,8 @@ AFTER_PREFETCH=(start_pairs_build)  # runs/control.sh clears it: the control bui
 declare -A GRPO_SAMPLER=([density]=density [baseline]=uniform [shuffled]=shuffled)  # arm -> --prompt_sampling
 declare -A GRPO_SEED_OFFSET=()  # arm -> added to its runs' seeds (the null control gives its arms different ones)
 GRPO_ARMS=(density baseline)  # KAT_SHUFFLED=1 adds shuffled (check_kat_options)
+RM_DISK_GB=40  # rm and rm_judge: ckpt.pt and up to 2 intermediate ones, weights and AdamW state (~6.7 GB each)
+GRPO_RUN_DISK_GB=70  # one GRPO run: 21 weights-only trajectory checkpoints (2.2 GB, fp32) and 3 with AdamW state
 
 # ----------------------------------------------------------------------------- the stages
 # the preference pairs (CPU work and the Stack Exchange stream) build while the GPUs train; kat_stages waits
@@ -144,6 +146,9 @@ if [ -n "$CONTROL" ]; then
     generate_report
     control_summary
 else
+    check_disk "$NANOCHAT_BASE_DIR" "$DATA_DISK_GB" "the pretraining data and datasets"
+    check_disk "$NANOCHAT_OUTS_DIR" $((OUTS_DISK_GB + RM_DISK_GB + GRPO_SEEDS * ${#GRPO_ARMS[@]} * GRPO_RUN_DISK_GB)) \
+        "the checkpoints of $((GRPO_SEEDS * ${#GRPO_ARMS[@]})) GRPO runs and the rest"
     nanochat_stages
     kat_stages
     generate_report

@@ -23,6 +23,9 @@ BASE_TRAIN_FLAGS=(--depth=20)                                # 20 layers, 1280 w
 BASE_LOSS_FLAGS=() BASE_EVAL_FLAGS=() MID_TRAIN_FLAGS=() CHAT_SFT_FLAGS=() CHAT_RL_FLAGS=() CHAT_EVAL_FLAGS=()
 PREFETCH_STAGE=prefetch_nanochat PREFETCH_FLAGS=(--kat=false)  # kat_speedrun.sh fetches the preference data too
 AFTER_PREFETCH=()  # a command kat_speedrun.sh starts in the background once the inputs are checked
+# disk room checked before the first stage (runs/lib.sh check_disk), estimated from d20's 561M parameters
+DATA_DISK_GB=30  # $NANOCHAT_BASE_DIR: 240 shards (~24 GB), the tokenizer, the eval bundle, the prefetched datasets
+OUTS_DISK_GB=65  # outs/: base, mid, sft, rl, each ckpt.pt and up to 2 intermediate ones of ~5 GB (weights, optimizer state)
 
 # ----------------------------------------------------------------------------- the stages
 nanochat_stages() {
@@ -77,6 +80,8 @@ if [ "$TINY" = 1 ]; then
     source runs/tiny.sh
 fi
 setup_environment  # output folders, the Python environment (uv), the number of processes
+check_disk "$NANOCHAT_BASE_DIR" "$DATA_DISK_GB" "the pretraining data and datasets"
+check_disk "$NANOCHAT_OUTS_DIR" "$OUTS_DISK_GB" "the checkpoints"
 nanochat_stages
 generate_report
 echo

@@ -128,6 +128,22 @@ setup_environment() {
     echo "base dir: $NANOCHAT_BASE_DIR | outputs: $NANOCHAT_OUTS_DIR | processes: $NPROC | wandb: $WANDB_RUN"
 }
 
+# check_disk DIR NEED_GB WHAT: stop now, not hours in, when DIR's disk cannot hold what the run writes there.
+# What DIR holds already counts (a resumed run needs only the rest); NEED_GB 0 skips (the presets).
+check_disk() {
+    local dir="$1" need_gb="$2" what="$3" free_kb held_kb
+    if [ "$need_gb" = 0 ] || [ "${NANOCHAT_DISK_CHECK:-1}" = 0 ]; then return 0; fi
+    free_kb="$(df -Pk "$dir" | awk 'NR == 2 { print $4 }')"
+    held_kb="$(du -sk "$dir" | cut -f1)"
+    if (( (free_kb + held_kb) / 1048576 < need_gb )); then
+        echo "[FAIL] $what needs about $need_gb GB in $dir, which holds $((held_kb / 1048576)) GB with" \
+             "$((free_kb / 1048576)) GB free on its disk: free space, point it at a larger disk, or set" \
+             "NANOCHAT_DISK_CHECK=0 to start anyway" >&2
+        exit 1
+    fi
+    echo "disk: $dir has room for $what (about $need_gb GB)"
+}
+
 # ----------------------------------------------------------------------------- stages
 forced() {  # is this stage named by --force?
     [ "$FORCE" = "all" ] || [[ ",$FORCE," == *",$1,"* ]]

@@ -39,6 +39,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS_TINY:-$(( TINY_CORES / NPROC > 0 ? TIN
 DEVICE_FLAGS=(--device_type="${TINY_DEVICE_TYPE:-cpu}")
 
 # ----------------------------------------------------------------------------- nanochat's stages
+DATA_DISK_GB=0 OUTS_DISK_GB=0 RM_DISK_GB=0 GRPO_RUN_DISK_GB=0  # a few hundred MB in all: no disk check
 TOK_TRAIN_FLAGS=(--vocab_size=4096 --max_chars=20000000)
 # --identical_batches: the bundled validation file has only 2 row groups, too few to give each of 4
 # or 8 ranks its own, and with it any NPROC trains on the tokens one process does
