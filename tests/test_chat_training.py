@@ -140,14 +140,12 @@ def test_repeated_batch_loss_falls_through_the_training_step(workspace):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def _two_rank_worker(rank, world_size, port, mid_dir, sft_dir):
+def _two_rank_worker(rank, world_size, port, stage, flags):
     import os
     torch.set_num_threads(1)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    mid_train.main([*MID_FLAGS, "--device_batch_size=1", "--num_iterations=4", f"--out_dir={mid_dir}"])
-    chat_sft.main([*SFT_FLAGS, "--device_batch_size=1", "--num_iterations=3", f"--source={mid_dir}",
-                   f"--out_dir={sft_dir}"])
+    {"mid": mid_train, "sft": chat_sft}[stage].main(flags)
 
 
 @pytest.mark.slow
@@ -157,11 +155,15 @@ def test_both_stages_run_under_two_ranks(workspace, tmp_path):
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     mid_dir, sft_dir = tmp_path / "mid", tmp_path / "sft"
-    mp.spawn(_two_rank_worker, args=(2, port, str(mid_dir), str(sft_dir)), nprocs=2, join=True)
+    stages = [("mid", [*MID_FLAGS, "--device_batch_size=1", "--num_iterations=4", f"--out_dir={mid_dir}"]),
+              ("sft", [*SFT_FLAGS, "--device_batch_size=1", "--num_iterations=3", f"--source={mid_dir}",
+                       f"--out_dir={sft_dir}"])]
+    for stage, flags in stages:  # one spawn per stage, as each torchrun is: a fresh rendezvous on a fresh port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_two_rank_worker, args=(2, port, stage, flags), nprocs=2, join=True)
     for out_dir, steps in [(mid_dir, 4), (sft_dir, 3)]:
         assert_stage_outputs(out_dir, final_step=steps)
         assert (out_dir / "ckpt_rank1.pt").is_file()
