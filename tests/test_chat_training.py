@@ -23,6 +23,7 @@ from nanochat.flags import parse_flags
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import chat_sft, control_sft, mid_train
+from tests.dist_fixtures import end_rank, free_port
 
 torch.set_num_threads(1)
 SEQ_LEN = 64
@@ -146,13 +147,12 @@ def _two_rank_worker(rank, world_size, port, stage, flags):
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     {"mid": mid_train, "sft": chat_sft}[stage].main(flags)
+    end_rank()
 
 
 @pytest.mark.slow
 def test_both_stages_run_under_two_ranks(workspace, tmp_path):
     """torchrun-style: gloo ranks, sharded optimizers, per-rank checkpoint files, ranks stop together."""
-    import socket
-
     import torch.multiprocessing as mp
 
     mid_dir, sft_dir = tmp_path / "mid", tmp_path / "sft"
@@ -160,9 +160,7 @@ def test_both_stages_run_under_two_ranks(workspace, tmp_path):
               ("sft", [*SFT_FLAGS, "--device_batch_size=1", "--num_iterations=3", f"--source={mid_dir}",
                        f"--out_dir={sft_dir}"])]
     for stage, flags in stages:  # one spawn per stage, as each torchrun is: a fresh rendezvous on a fresh port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         mp.spawn(_two_rank_worker, args=(2, port, stage, flags), nprocs=2, join=True)
     for out_dir, steps in [(mid_dir, 4), (sft_dir, 3)]:
         assert_stage_outputs(out_dir, final_step=steps)

@@ -26,6 +26,7 @@ from nanochat.checkpoint_manager import (UnreadableCheckpointError, find_stage_c
 from nanochat.common import REPO_ROOT, seed_everything
 from nanochat.muon import muon_momentum
 from nanochat.optim import build_optimizers, clip_grad_norm_
+from tests.dist_fixtures import end_rank
 
 torch.set_num_threads(1)
 VOCAB, DIM, T, BATCH = 16, 8, 4, 4
@@ -389,9 +390,7 @@ def _distributed_resume_worker(rank, world_size, init_file, out_dir):
         torch.save({"uninterrupted": model.state_dict(), "resumed": resumed.state_dict(),
                     "uninterrupted_opt": optimizer_tensors(optimizers),
                     "resumed_opt": optimizer_tensors(resumed_optimizers)}, f"{out_dir}/result{rank}.pt")
-        # Both ranks finish before either tears gloo down: a rank that closed its connections while
-        # the other was still shutting down aborted that one (SIGABRT) in about 1 run of 4.
-        dist.barrier()
+        end_rank()
     finally:
         dist.destroy_process_group()
 

@@ -1,6 +1,5 @@
 import datetime
 import os
-import socket
 import time
 from types import SimpleNamespace
 
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from nanochat.core_eval import (SAMPLE_BUNDLE_DIR, EvalBundleUnavailable, centered_accuracy, crop_left,
                                 download_eval_bundle, evaluate_core, evaluate_task, get_eval_bundle, load_bundle,
                                 load_task_data, render_prompts, sample_fewshot)
+from tests.dist_fixtures import end_rank, free_port
 from tests.http_fixtures import ScriptedServer, bundle_zip_bytes, unreachable_url
 
 torch.set_num_threads(1)
@@ -217,15 +217,9 @@ def _ddp_worker(rank, world_size, port, data, results):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         results[rank] = accuracy(BigramModel(preferred=[" dog"]), data, "multiple_choice", num_fewshot=2)
-        dist.barrier()  # both ranks done before either tears gloo down (see test_checkpoint_manager)
+        end_rank()
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -292,8 +286,7 @@ def _bundle_worker(rank, world_size, port, base_dirs, urls, results):
         results[rank] = ("ok", str(get_eval_bundle(base_dirs[rank], attempts=1)))
     except EvalBundleUnavailable as err:
         results[rank] = ("error", str(err))
-    finally:
-        dist.destroy_process_group()
+    end_rank()
 
 
 @pytest.mark.slow

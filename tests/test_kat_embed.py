@@ -9,7 +9,6 @@ with prompts_all.jsonl by id and scripts.kat_density runs on them; 2 gloo ranks 
 import json
 import os
 import shutil
-import socket
 import sys
 
 import numpy as np
@@ -22,6 +21,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.kat.data import PROMPTS_FILE, STATS_FILE, KatData
 from scripts import kat_density, kat_embed
 from tests.conftest import KAT_FIXTURES, kat_workspace
+from tests.dist_fixtures import end_rank, free_port
 
 torch.set_num_threads(1)
 SEQ_LEN = 64
@@ -218,6 +218,7 @@ def _ddp_worker(rank, world_size, port, flags):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     kat_embed.main(flags)
+    end_rank()
 
 
 @pytest.mark.slow
@@ -225,9 +226,7 @@ def test_two_ranks_write_what_one_process_writes(workspace, embedded, tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     shutil.copy(embedded / PROMPTS_FILE, data_dir / PROMPTS_FILE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, ["--device_type=cpu", "--batch_size=3", "--max_len=24", f"--data_dir={data_dir}"]),
              nprocs=2, join=True)
     single_ids, single = KatData(embedded).embeddings()

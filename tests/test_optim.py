@@ -20,6 +20,7 @@ from nanochat.collectives import reduce_scatter_mean
 from nanochat.muon import Muon, muon_momentum, zeropower_via_newtonschulz5
 from nanochat.optim import (build_optimizers, check_finite_loss, clip_grad_norm_, grad_accum_steps, set_lr_multiplier,
                             set_muon_momentum, step_optimizers)
+from tests.dist_fixtures import end_rank
 
 torch.set_num_threads(1)
 NS = (3.4445, -4.7750, 2.0315)
@@ -205,7 +206,7 @@ def _two_rank_worker(rank, world_size, init_file, out_dir):
         results["rs_native"] = reduce_scatter_mean(x.clone(), native=True).wait()
         results["rs_fallback"] = reduce_scatter_mean(x.clone(), native=False).wait()
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()  # both ranks done before either tears gloo down (see test_checkpoint_manager)
+        end_rank()
     finally:
         dist.destroy_process_group()
 

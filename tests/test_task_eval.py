@@ -16,6 +16,7 @@ from nanochat.task_eval import (TASK_NAMES, chatcore, generative_outcomes, lette
                                 run_categorical_eval, run_generative_eval, run_pass_at_k)
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 from tasks.common import Task, evaluate_letter
+from tests.dist_fixtures import end_rank
 
 torch.set_num_threads(1)
 
@@ -255,7 +256,7 @@ def _two_rank_worker(rank, world_size, init_file, out_dir):
                                              temperature=0.0, batch_size=1)
         results["seen"] = {"categorical": choices.seen, "generative": lengths.seen}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # both ranks done before either tears gloo down (see test_checkpoint_manager)
+        end_rank()
     finally:
         dist.destroy_process_group()
 

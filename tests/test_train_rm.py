@@ -10,7 +10,6 @@ exact resume, density weighting joined by prompt id and applied as the weighted 
 import json
 import re
 import shutil
-import socket
 from collections import Counter
 
 import numpy as np
@@ -25,6 +24,7 @@ from nanochat.kat.reward_model import RewardModel, bradley_terry_losses, load_re
 from nanochat.tokenizer import get_tokenizer
 from scripts import kat_density, train_rm
 from tests.conftest import KAT_SAMPLES, kat_workspace
+from tests.dist_fixtures import end_rank, free_port
 
 torch.set_num_threads(1)
 SEQ_LEN = 96
@@ -267,12 +267,7 @@ def _ddp_worker(rank, world_size, port, flags):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     train_rm.main(flags)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    end_rank()
 
 
 @pytest.mark.slow
