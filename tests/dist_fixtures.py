@@ -18,11 +18,10 @@ def free_port() -> int:
 
 
 def end_rank() -> None:
-    """A spawned worker's last call, once its results are written: every rank meets here, then the
-    process ends at once. Gloo's teardown (destroy_process_group, or the interpreter's exit) while a
-    peer is still tearing down aborts a rank now and then (SIGABRT, "terminate called without an
-    active exception"), which fails the test after its work has passed. A `finally` that destroys
-    the group still runs when the work raised."""
+    """A spawned worker's last call, once its results are written: the ranks meet, then the process
+    ends without gloo's teardown, which now and then aborted a rank (SIGABRT) after its work had
+    passed. After a script's main(), whose compute_cleanup() has destroyed the group, only the
+    interpreter's exit is skipped. A worker that raised never gets here; spawn reports its traceback."""
     if dist.is_initialized():
         dist.barrier()
     sys.stdout.flush()

@@ -372,27 +372,24 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path):
 def _distributed_resume_worker(rank, world_size, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        seed_everything(rank)  # ranks draw different dropout masks and jitter, as under torchrun
-        model, optimizers = make_run(0, ddp=True)
-        train_steps(model, optimizers, {"position": 0}, 0, 4, rank, world_size)
+    seed_everything(rank)  # ranks draw different dropout masks and jitter, as under torchrun
+    model, optimizers = make_run(0, ddp=True)
+    train_steps(model, optimizers, {"position": 0}, 0, 4, rank, world_size)
 
-        seed_everything(rank)
-        first, first_optimizers = make_run(0, ddp=True)
-        loader_state = {"position": 0}
-        train_steps(first, first_optimizers, loader_state, 0, 2, rank, world_size)
-        save_checkpoint(out_dir, 2, first, first_optimizers, meta=META, loader_state=loader_state)
+    seed_everything(rank)
+    first, first_optimizers = make_run(0, ddp=True)
+    loader_state = {"position": 0}
+    train_steps(first, first_optimizers, loader_state, 0, 2, rank, world_size)
+    save_checkpoint(out_dir, 2, first, first_optimizers, meta=META, loader_state=loader_state)
 
-        seed_everything(100 + rank)
-        resumed, resumed_optimizers = make_run(9, ddp=True)
-        step, loader_state, _ = resume_training(out_dir, resumed, resumed_optimizers, "cpu")
-        train_steps(resumed, resumed_optimizers, loader_state, step, 4, rank, world_size)
-        torch.save({"uninterrupted": model.state_dict(), "resumed": resumed.state_dict(),
-                    "uninterrupted_opt": optimizer_tensors(optimizers),
-                    "resumed_opt": optimizer_tensors(resumed_optimizers)}, f"{out_dir}/result{rank}.pt")
-        end_rank()
-    finally:
-        dist.destroy_process_group()
+    seed_everything(100 + rank)
+    resumed, resumed_optimizers = make_run(9, ddp=True)
+    step, loader_state, _ = resume_training(out_dir, resumed, resumed_optimizers, "cpu")
+    train_steps(resumed, resumed_optimizers, loader_state, step, 4, rank, world_size)
+    torch.save({"uninterrupted": model.state_dict(), "resumed": resumed.state_dict(),
+                "uninterrupted_opt": optimizer_tensors(optimizers),
+                "resumed_opt": optimizer_tensors(resumed_optimizers)}, f"{out_dir}/result{rank}.pt")
+    end_rank()
 
 
 @pytest.mark.slow

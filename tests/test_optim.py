@@ -195,20 +195,17 @@ def clip_disagreeing_ranks(ddp, rank=0, world_size=1):
 def _two_rank_worker(rank, world_size, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        results = {
-            "plain": train_toy(ddp=True, clip=None, rank=rank, world_size=world_size),
-            "clipped": train_toy(ddp=True, clip=0.5, rank=rank, world_size=world_size),
-            "disagree": clip_disagreeing_ranks(ddp=True, rank=rank, world_size=world_size),
-        }
-        # reduce-scatter: NCCL-style native call and the gloo fallback must agree
-        x = torch.arange(12.0).reshape(4, 3) * (rank + 1)
-        results["rs_native"] = reduce_scatter_mean(x.clone(), native=True).wait()
-        results["rs_fallback"] = reduce_scatter_mean(x.clone(), native=False).wait()
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-        end_rank()
-    finally:
-        dist.destroy_process_group()
+    results = {
+        "plain": train_toy(ddp=True, clip=None, rank=rank, world_size=world_size),
+        "clipped": train_toy(ddp=True, clip=0.5, rank=rank, world_size=world_size),
+        "disagree": clip_disagreeing_ranks(ddp=True, rank=rank, world_size=world_size),
+    }
+    # reduce-scatter: NCCL-style native call and the gloo fallback must agree
+    x = torch.arange(12.0).reshape(4, 3) * (rank + 1)
+    results["rs_native"] = reduce_scatter_mean(x.clone(), native=True).wait()
+    results["rs_fallback"] = reduce_scatter_mean(x.clone(), native=False).wait()
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    end_rank()
 
 
 @pytest.fixture(scope="module")

@@ -245,20 +245,17 @@ def Recorded(task_class):
 def _two_rank_worker(rank, world_size, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        tokenizer = make_tokenizer()
-        counting_model, engine = make_counting_model(tokenizer), Engine(make_gpt(tokenizer), tokenizer)
-        results = {f"categorical_b{b}": run_categorical_eval(HandMadeChoices(), tokenizer, counting_model, b)
-                   for b in (1, 4)}
-        choices, lengths = Recorded(HandMadeChoices)(), Recorded(EvenLength)()
-        run_categorical_eval(choices, tokenizer, counting_model, 2)
-        results["pass_at_k"] = run_pass_at_k(lengths, tokenizer, engine, num_samples=2, max_new_tokens=5,
-                                             temperature=0.0, batch_size=1)
-        results["seen"] = {"categorical": choices.seen, "generative": lengths.seen}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        end_rank()
-    finally:
-        dist.destroy_process_group()
+    tokenizer = make_tokenizer()
+    counting_model, engine = make_counting_model(tokenizer), Engine(make_gpt(tokenizer), tokenizer)
+    results = {f"categorical_b{b}": run_categorical_eval(HandMadeChoices(), tokenizer, counting_model, b)
+               for b in (1, 4)}
+    choices, lengths = Recorded(HandMadeChoices)(), Recorded(EvenLength)()
+    run_categorical_eval(choices, tokenizer, counting_model, 2)
+    results["pass_at_k"] = run_pass_at_k(lengths, tokenizer, engine, num_samples=2, max_new_tokens=5,
+                                         temperature=0.0, batch_size=1)
+    results["seen"] = {"categorical": choices.seen, "generative": lengths.seen}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    end_rank()
 
 
 @pytest.mark.slow
