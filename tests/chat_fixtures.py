@@ -23,6 +23,7 @@ from nanochat.common import REPO_ROOT, stage_dir
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+from tests.http_fixtures import free_port
 
 # "a" * 8000 is in the training text, so runs of "a" merge up to 4096-character tokens and the
 # limit-sized messages below stay a few tokens long: boundary requests are cheap to answer.
@@ -127,9 +128,7 @@ def serve(app):
 def running_chat_web(log_path, *flags, env=None, api_key=None):
     """`python -m scripts.chat_web *flags` on a free port, run as a user runs it; yields its loopback URL
     once /health answers (sent with api_key, when the server has one). Stopped with SIGINT."""
-    with socket.socket() as probe:  # a port free right now; the server binds it a moment later
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # free right now; the server binds it a moment later
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with open(log_path, "w") as log:

@@ -1,20 +1,16 @@
 """
-Two gloo ranks on this machine, for the tests of distributed code: a free port for a rendezvous,
-and the end of a rank spawned by torch.multiprocessing.
+Two gloo ranks on this machine, for the tests of distributed code: a script's main() run by each
+rank as under torchrun, and the end of a rank spawned by torch.multiprocessing.
 """
 
 import os
-import socket
 import sys
 
+import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on now (MASTER_PORT for one spawn)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.http_fixtures import free_port
 
 
 def end_rank() -> None:
@@ -27,3 +23,17 @@ def end_rank() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _script_rank(rank, world_size, port, main, flags, env):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
+    main(flags)
+    end_rank()
+
+
+def spawn_script(main, flags, env=None, nprocs=2) -> None:
+    """main(flags) in nprocs gloo ranks, each with the environment torchrun gives it (plus env), on
+    a fresh port, as one torchrun is; raises if a rank failed."""
+    mp.spawn(_script_rank, args=(nprocs, free_port(), main, flags, env or {}), nprocs=nprocs, join=True)

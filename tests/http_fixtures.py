@@ -1,6 +1,6 @@
 """
 A local HTTP server whose answers a test scripts, for every test of code that downloads
-(nanochat.download and its callers: shards, the eval bundle, task data files).
+(nanochat.download and its callers: shards, the eval bundle, task data files); and a free port.
 """
 
 import http.server
@@ -66,12 +66,16 @@ class ScriptedServer:
         self.httpd.server_close()
 
 
-def unreachable_url(name: str = "") -> str:
-    """A URL on a port that was free a moment ago: connections to it are refused, as offline."""
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (a server's, or MASTER_PORT for one spawn)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/{name}"
+        return s.getsockname()[1]
+
+
+def unreachable_url(name: str = "") -> str:
+    """A URL on a port that was free a moment ago: connections to it are refused, as offline."""
+    return f"http://127.0.0.1:{free_port()}/{name}"
 
 
 def bundle_zip_bytes() -> bytes:

@@ -23,7 +23,7 @@ from nanochat.flags import parse_flags
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import chat_sft, control_sft, mid_train
-from tests.dist_fixtures import end_rank, free_port
+from tests.dist_fixtures import spawn_script
 
 torch.set_num_threads(1)
 SEQ_LEN = 64
@@ -141,27 +141,15 @@ def test_repeated_batch_loss_falls_through_the_training_step(workspace):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def _two_rank_worker(rank, world_size, port, stage, flags):
-    import os
-    torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    {"mid": mid_train, "sft": chat_sft}[stage].main(flags)
-    end_rank()
-
-
 @pytest.mark.slow
 def test_both_stages_run_under_two_ranks(workspace, tmp_path):
     """torchrun-style: gloo ranks, sharded optimizers, per-rank checkpoint files, ranks stop together."""
-    import torch.multiprocessing as mp
-
     mid_dir, sft_dir = tmp_path / "mid", tmp_path / "sft"
-    stages = [("mid", [*MID_FLAGS, "--device_batch_size=1", "--num_iterations=4", f"--out_dir={mid_dir}"]),
-              ("sft", [*SFT_FLAGS, "--device_batch_size=1", "--num_iterations=3", f"--source={mid_dir}",
+    stages = [(mid_train, [*MID_FLAGS, "--device_batch_size=1", "--num_iterations=4", f"--out_dir={mid_dir}"]),
+              (chat_sft, [*SFT_FLAGS, "--device_batch_size=1", "--num_iterations=3", f"--source={mid_dir}",
                        f"--out_dir={sft_dir}"])]
     for stage, flags in stages:  # one spawn per stage, as each torchrun is: a fresh rendezvous on a fresh port
-        port = free_port()
-        mp.spawn(_two_rank_worker, args=(2, port, stage, flags), nprocs=2, join=True)
+        spawn_script(stage.main, flags)
     for out_dir, steps in [(mid_dir, 4), (sft_dir, 3)]:
         assert_stage_outputs(out_dir, final_step=steps)
         assert (out_dir / "ckpt_rank1.pt").is_file()

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from nanochat.core_eval import (SAMPLE_BUNDLE_DIR, EvalBundleUnavailable, centered_accuracy, crop_left,
                                 download_eval_bundle, evaluate_core, evaluate_task, get_eval_bundle, load_bundle,
                                 load_task_data, render_prompts, sample_fewshot)
-from tests.dist_fixtures import end_rank, free_port
-from tests.http_fixtures import ScriptedServer, bundle_zip_bytes, unreachable_url
+from tests.dist_fixtures import end_rank
+from tests.http_fixtures import ScriptedServer, bundle_zip_bytes, free_port, unreachable_url
 
 torch.set_num_threads(1)
 

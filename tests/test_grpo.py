@@ -22,7 +22,7 @@ from nanochat.kat.grpo import Objective, clipped_policy_loss, k3_kl, prepare_upd
 from nanochat.kat.trajectory import DrawCounts
 from nanochat.rl import group_advantages
 from scripts import grpo
-from tests.dist_fixtures import end_rank, free_port
+from tests.dist_fixtures import spawn_script
 from tests.grpo_fixtures import (END, FLAGS, LetterCount, bigram_model, build_kat_run, logged, make_tokenizer,
                                  point_env_at)
 
@@ -263,25 +263,13 @@ def test_resume_reproduces_the_uninterrupted_run(env, tmp_path):
 
 # DDP: 2 gloo ranks with one prompt each = one process with both prompts
 
-def _ddp_worker(rank, world_size, port, flags, env_dirs):
-    import os
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env_dirs)
-    grpo.main(flags)
-    end_rank()
-
-
 @pytest.mark.slow
 def test_two_ranks_train_the_same_policy_as_one_process(env, tmp_path):
-    import torch.multiprocessing as mp
-
     # batch-normalised advantages: their std is reduced over both ranks
     flags = [*FLAGS, "--rollout_prompts=1", "--grad_clip=0.05", "--learning_rate=3e-3", "--adv_norm=batch"]
     grpo.main([*flags, f"--out_dir={tmp_path / 'single'}"])
-    port = free_port()
     env_dirs = {name: str(path) for name, path in env["dirs"].items()}
-    mp.spawn(_ddp_worker, args=(2, port, [*flags, f"--out_dir={tmp_path / 'ddp'}"], env_dirs), nprocs=2, join=True)
+    spawn_script(grpo.main, [*flags, f"--out_dir={tmp_path / 'ddp'}"], env=env_dirs)
     single, ddp = load_checkpoint(tmp_path / "single" / "ckpt.pt", "cpu"), load_checkpoint(tmp_path / "ddp" / "ckpt.pt", "cpu")
     assert ddp["world_size"] == 2 and (tmp_path / "ddp" / "ckpt_rank1.pt").is_file()
     single_log, ddp_log = ((tmp_path / arm / "training_log.txt").read_text() for arm in ("single", "ddp"))

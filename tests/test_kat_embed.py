@@ -7,21 +7,19 @@ with prompts_all.jsonl by id and scripts.kat_density runs on them; 2 gloo ranks 
 """
 
 import json
-import os
 import shutil
 import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.kat.data import PROMPTS_FILE, STATS_FILE, KatData
 from scripts import kat_density, kat_embed
 from tests.conftest import KAT_FIXTURES, kat_workspace
-from tests.dist_fixtures import end_rank, free_port
+from tests.dist_fixtures import spawn_script
 
 torch.set_num_threads(1)
 SEQ_LEN = 64
@@ -213,22 +211,12 @@ def test_stage_saves_one_unit_vector_per_prompt_by_id_and_density_runs_on_it(wor
     assert sum(w["weight"] for w in weights) == pytest.approx(1.0)
 
 
-def _ddp_worker(rank, world_size, port, flags):
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    kat_embed.main(flags)
-    end_rank()
-
-
 @pytest.mark.slow
 def test_two_ranks_write_what_one_process_writes(workspace, embedded, tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     shutil.copy(embedded / PROMPTS_FILE, data_dir / PROMPTS_FILE)
-    port = free_port()
-    mp.spawn(_ddp_worker, args=(2, port, ["--device_type=cpu", "--batch_size=3", "--max_len=24", f"--data_dir={data_dir}"]),
-             nprocs=2, join=True)
+    spawn_script(kat_embed.main, ["--device_type=cpu", "--batch_size=3", "--max_len=24", f"--data_dir={data_dir}"])
     single_ids, single = KatData(embedded).embeddings()
     ddp_ids, ddp = KatData(data_dir).embeddings()
     assert ddp_ids == single_ids

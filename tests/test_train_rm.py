@@ -15,7 +15,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from nanochat.checkpoint_manager import load_checkpoint
 from nanochat.common import stage_dir
@@ -24,7 +23,7 @@ from nanochat.kat.reward_model import RewardModel, bradley_terry_losses, load_re
 from nanochat.tokenizer import get_tokenizer
 from scripts import kat_density, train_rm
 from tests.conftest import KAT_SAMPLES, kat_workspace
-from tests.dist_fixtures import end_rank, free_port
+from tests.dist_fixtures import spawn_script
 
 torch.set_num_threads(1)
 SEQ_LEN = 96
@@ -261,20 +260,11 @@ def test_density_run_reports_quintiles_over_test_prompts(workspace, density_data
 # -----------------------------------------------------------------------------
 # DDP: 2 gloo ranks, half the pairs each, gradients averaged by DistAdamW = one process
 
-def _ddp_worker(rank, world_size, port, flags):
-    import os
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    train_rm.main(flags)
-    end_rank()
-
-
 @pytest.mark.slow
 def test_two_ranks_train_the_same_model_as_one_process(workspace, uniform_run, tmp_path):
     _, out_dir, _ = uniform_run
     ddp_dir = tmp_path / "rm_ddp"
-    mp.spawn(_ddp_worker, args=(2, free_port(), FLAGS + [f"--out_dir={ddp_dir}"]), nprocs=2, join=True)
+    spawn_script(train_rm.main, FLAGS + [f"--out_dir={ddp_dir}"])
     single, ddp = load_checkpoint(out_dir / "ckpt.pt", "cpu"), load_checkpoint(ddp_dir / "ckpt.pt", "cpu")
     assert ddp["world_size"] == 2
     for key, tensor in single["model"].items():
